@@ -1,0 +1,13 @@
+"""Reproductions of the papers' experiments, one module per experiment, found by name in a registry.
+
+>>> from layerwise.experiments import EXPERIMENTS, run_experiment
+>>> sorted(EXPERIMENTS.names())            # doctest: +SKIP
+>>> run_experiment("rhm-stats", "out/")    # doctest: +SKIP
+"""
+
+from ._base import EXPERIMENTS, SCALES, Experiment, run_experiment
+
+# Importing a module registers its experiment; keep this list in the order the report shows them.
+from . import rhm_stats  # noqa: E402,F401  isort: skip
+
+__all__ = ["EXPERIMENTS", "SCALES", "Experiment", "run_experiment"]
