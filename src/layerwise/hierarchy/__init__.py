@@ -1,5 +1,24 @@
 """The Random Hierarchy Model and everything that reasons about it."""
 
-from .rhm import RHM, RHMSample, one_hot, sample_rules
+from .bp import BPResult, UpwardMessages, belief_propagation, sample_posterior, upward_pass
+from .datafile import load_dataset, save_dataset
+from .noise import NOISE_PROCESSES, NoiseProcess, make_noise_process
+from .rhm import RHM, RHMDataset, RHMSample, one_hot, sample_rules
 
-__all__ = ["RHM", "RHMSample", "one_hot", "sample_rules"]
+__all__ = [
+    "RHM",
+    "RHMSample",
+    "RHMDataset",
+    "load_dataset",
+    "save_dataset",
+    "one_hot",
+    "sample_rules",
+    "BPResult",
+    "UpwardMessages",
+    "belief_propagation",
+    "sample_posterior",
+    "upward_pass",
+    "NOISE_PROCESSES",
+    "NoiseProcess",
+    "make_noise_process",
+]

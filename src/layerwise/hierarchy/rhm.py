@@ -24,7 +24,9 @@ import torch
 
 from .._validation import check_int, make_generator
 
-__all__ = ["RHM", "RHMSample", "sample_rules", "one_hot"]
+__all__ = ["RHM", "RHMSample", "RHMDataset", "sample_rules", "one_hot", "ENCODINGS"]
+
+ENCODINGS = ("tokens", "onehot", "whitened")
 
 # Above this many tuples we draw tuple ids by rejection instead of a full random permutation.
 _RANDPERM_LIMIT = 1 << 22
@@ -76,6 +78,18 @@ def _decode_base(values: torch.Tensor, base: int, n_digits: int) -> torch.Tensor
     return digits
 
 
+def _first_occurrences(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sorted indices of the first occurrence of each distinct row of ``rows`` (N, K) long."""
+    hashes = rows @ weights  # (N,), wraps around on overflow: fine for a hash
+    _, inverse, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
+    if int(counts.max()) > 1:
+        # Some hashes repeat: decide exactly on the full rows (rare unless rows really repeat).
+        _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), rows.shape[0], dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0]), reduce="amin")
+    return first.sort().values
+
+
 def sample_rules(
     v: int, n_c: int, m: int, s: int, L: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, ...]:
@@ -92,16 +106,11 @@ def sample_rules(
         if n_tuples <= _RANDPERM_LIMIT:
             ids = torch.randperm(n_tuples, generator=generator)[:k]
         else:
-            # Rejection: draw ids, keep first occurrences, top up; k <= n_tuples / 1 is checked upstream,
-            # and here k << n_tuples, so a couple of rounds suffice.
+            # Rejection: draw ids, keep first occurrences, top up (k <= n_tuples is checked upstream).
             ids = torch.empty(0, dtype=torch.long)
             while ids.numel() < k:
-                draw = torch.randint(0, n_tuples, (2 * k,), generator=generator)
-                merged = torch.cat([ids, draw])
-                uniq, inverse = torch.unique(merged, return_inverse=True)
-                first = torch.full((uniq.numel(),), merged.numel(), dtype=torch.long)
-                first.scatter_reduce_(0, inverse, torch.arange(merged.numel()), reduce="amin")
-                ids = merged[first.sort().values][:k]
+                merged = torch.cat([ids, torch.randint(0, n_tuples, (2 * k,), generator=generator)])
+                ids = merged[_first_occurrences(merged[:, None], torch.ones(1, dtype=torch.long))][:k]
         rules.append(_decode_base(ids, v, s).reshape(n_parents, m, s))  # (n_parents, m, s)
     return tuple(rules)
 
@@ -323,15 +332,14 @@ class RHM:
             return self.from_index(torch.randperm(self.P_max, generator=gen)[:n])
         labels = torch.empty(0, dtype=torch.long)
         digits = torch.empty(0, self.n_internal, dtype=torch.long)
+        # Fixed random weights hash each datum (class + digits) to one int64 (wrapping arithmetic), so
+        # duplicates are found by a 1-D sort; rows whose hashes collide are compared exactly.
+        weights = torch.randint(-(1 << 62), 1 << 62, (self.n_internal + 1,), generator=gen)
         while labels.numel() < n:
             k = n - labels.numel() + 16
             labels = torch.cat([labels, torch.randint(0, self.n_c, (k,), generator=gen)])
             digits = torch.cat([digits, torch.randint(0, self.m, (k, self.n_internal), generator=gen)])
-            rows = torch.cat([labels[:, None], digits], dim=1)
-            _, inverse = torch.unique(rows, dim=0, return_inverse=True)
-            first = torch.full((int(inverse.max()) + 1,), rows.shape[0], dtype=torch.long)
-            first.scatter_reduce_(0, inverse, torch.arange(rows.shape[0]), reduce="amin")
-            keep = first.sort().values  # first occurrence of each distinct datum, in draw order
+            keep = _first_occurrences(torch.cat([labels[:, None], digits], dim=1), weights)
             labels, digits = labels[keep], digits[keep]
         labels, digits = labels[:n], digits[:n]
         return self.from_choices(labels, self._split_digits(digits))
@@ -363,3 +371,34 @@ class RHM:
         choices = list(sample.choices[:level])
         choices += [torch.randint(0, self.m, (n, self.s**k), generator=gen) for k in range(level, self.L)]
         return self.from_choices(sample.labels, choices)
+
+
+class RHMDataset(torch.utils.data.Dataset):
+    """A ``torch.utils.data.Dataset`` over an :class:`RHMSample`: items are ``(x, label)``.
+
+    ``encoding`` is ``"tokens"`` (x: (d,) long), ``"onehot"`` (x: (v, d) float32, channels first) or
+    ``"whitened"`` (one-hot centred and scaled to unit variance). Encoded once, up front.
+
+    Example
+    -------
+    >>> rhm = RHM(v=8, n_c=8, m=2, s=2, L=3)
+    >>> train, test = rhm.train_test_split(500, 200, seed=0)
+    >>> x, y = RHMDataset(train, v=rhm.v, encoding="onehot")[0]
+    >>> tuple(x.shape)
+    (8, 8)
+    """
+
+    def __init__(self, sample: RHMSample, v: int, encoding: str = "onehot") -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        self.sample = sample
+        self.encoding = encoding
+        tokens = sample.tokens
+        self.inputs = tokens if encoding == "tokens" else one_hot(tokens, v, whiten=encoding == "whitened")
+        self.labels = sample.labels
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs[i], self.labels[i]

@@ -1,0 +1,48 @@
+"""``layerwise rhm``: generate Random Hierarchy Model data sets (and denoise them, see ``rhm denoise``)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rhm", help="Random Hierarchy Model data: sample, denoise")
+    rsub = p.add_subparsers(dest="rhm_command", metavar="ACTION", title="actions")
+
+    s = rsub.add_parser(
+        "sample",
+        help="sample an RHM data set to .pt or .npz",
+        description="Draw rules and data of an RHM and save them (with the rules, to rebuild the tree).",
+    )
+    s.add_argument("--v", type=int, required=True, help="vocabulary size")
+    s.add_argument("--n-c", type=int, default=None, help="number of classes (default: v)")
+    s.add_argument("--m", type=int, required=True, help="synonyms (rules) per symbol")
+    s.add_argument("--s", type=int, default=2, help="tuple size (default 2)")
+    s.add_argument("--L", type=int, required=True, help="depth; inputs have s**L tokens")
+    s.add_argument("--n", type=int, required=True, help="number of data")
+    s.add_argument("--mode", choices=("iid", "distinct"), default="distinct",
+                   help="i.i.d. draws, or distinct data by enumeration index (default)")
+    s.add_argument("--rules-seed", type=int, default=0, help="seed of the grammar")
+    s.add_argument("--seed", type=int, default=1, help="seed of the data")
+    s.add_argument("--out", required=True, help="output file, .pt or .npz")
+    s.set_defaults(func=_sample)
+
+    _add_denoise_parser(rsub)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from ..hierarchy import RHM
+    from ..hierarchy.datafile import save_dataset
+
+    rhm = RHM(args.v, args.n_c if args.n_c is not None else args.v, args.m, args.s, args.L, seed=args.rules_seed)
+    data = rhm.sample(args.n, seed=args.seed) if args.mode == "iid" else rhm.sample_distinct(args.n, seed=args.seed)
+    path = save_dataset(args.out, rhm, data)
+    print(f"wrote {len(data)} data of {rhm} (P_max={rhm.P_max}) to {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `layerwise rhm denoise` (exact BP posterior on a saved data file)
+def _add_denoise_parser(rsub: argparse._SubParsersAction) -> None:
+    pass

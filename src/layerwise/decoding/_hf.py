@@ -1,0 +1,87 @@
+"""Small private helpers shared by the decoding modules: lazy imports and the transformers forward calls.
+
+transformers 5.24 renamed the forward keyword ``past_key_values`` to ``cache`` (the old name is deprecated);
+:func:`forward_step` finds the name the model accepts once, so the same code runs on 5.x before and after.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from types import ModuleType
+from typing import Any
+
+import torch
+
+__all__ = ["require", "cache_kwarg", "forward_step", "positions_from_mask", "output_cache"]
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import ``module`` or raise ImportError naming the pip extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            f"{module} is needed here; install it with `pip install 'layerwise[{extra}]'`"
+        ) from err
+
+
+_FORWARD_INFO: dict[type, tuple[str, bool]] = {}
+
+
+def _forward_info(model: Any) -> tuple[str, bool]:
+    # inspect.signature costs ~50 us: look it up once per model class, not once per decoding step.
+    key = type(model)
+    if key not in _FORWARD_INFO:
+        params = inspect.signature(model.forward).parameters
+        name = "cache" if "cache" in params else "past_key_values"
+        _FORWARD_INFO[key] = (name, "logits_to_keep" in params)
+    return _FORWARD_INFO[key]
+
+
+def cache_kwarg(model: Any) -> str:
+    """The forward keyword that carries the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return _forward_info(model)[0]
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache in a model output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``cumsum(mask) - 1`` (0 on padding): left-padded rows then start at position 0.
+
+    attention_mask: (batch, length) of 0/1 -> (batch, length) long.
+    """
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)
+
+
+def forward_step(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache: Any,
+    **extra: Any,
+) -> tuple[torch.Tensor, Any]:
+    """One forward pass returning ``(last-position logits (batch, vocab) float32, new cache)``.
+
+    ``cache=None`` starts a fresh cache owned by the caller (never the one ``generate`` holds).
+    ``attention_mask`` covers the cached tokens plus ``input_ids``; ``position_ids`` only ``input_ids``.
+    """
+    name, keeps_logits = _forward_info(model)
+    kwargs = {name: cache, **extra}
+    if keeps_logits:
+        kwargs["logits_to_keep"] = 1  # only the last position is needed: skip the LM head elsewhere
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        return_dict=True,
+        **kwargs,
+    )
+    return out.logits[:, -1].float(), output_cache(out)

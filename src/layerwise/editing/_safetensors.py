@@ -1,0 +1,130 @@
+"""The safetensors file format, read and written with positioned I/O one tensor (or one slice) at a time.
+
+Format (https://github.com/huggingface/safetensors#format): 8 bytes little-endian header length ``n``, a
+JSON header of ``n`` bytes mapping each name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+relative to the end of the header) plus an optional ``"__metadata__"`` dict of strings, then the raw
+little-endian data. We read with ``readinto`` into a freshly allocated tensor rather than memory-mapping the
+file: mapped pages that have been touched count as resident memory of the process until the whole file is
+unmapped, so a mapped merge of several multi-GB files shows a peak RSS of the size of the files; positioned
+reads keep the resident set at the tensors actually alive (the OS page cache still speeds re-reads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["DTYPES", "DTYPE_NAMES", "TensorInfo", "read_header", "read_range", "plan_header"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100_000_000  # the reference implementation's limit; guards against reading garbage
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch supports today is little-endian
+    raise ImportError("layerwise.editing reads safetensors with native byte order and needs a little-endian host")
+
+
+class TensorInfo(tuple):
+    """``(shape, dtype, begin)``: where a tensor lives in a safetensors file (``begin`` in bytes, absolute)."""
+
+    __slots__ = ()
+
+    def __new__(cls, shape: tuple[int, ...], dtype: torch.dtype, begin: int) -> TensorInfo:
+        return super().__new__(cls, (tuple(shape), dtype, begin))
+
+    shape = property(lambda self: self[0])
+    dtype = property(lambda self: self[1])
+    begin = property(lambda self: self[2])
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse the header of a safetensors file: ``({name: TensorInfo}, metadata)``, names in file order."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER:
+            raise ValueError(f"{path}: not a safetensors file (header length {n} is implausible)")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file (bad JSON header: {err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        if entry["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
+        infos[name] = TensorInfo(tuple(entry["shape"]), DTYPES[entry["dtype"]], 8 + n + entry["data_offsets"][0])
+    return infos, dict(metadata)
+
+
+def read_range(fh, info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Read elements ``[start, stop)`` of the flattened tensor ``info`` from the open binary file ``fh``.
+
+    Returns a new 1-D tensor ``(stop - start,)`` of ``info.dtype`` that owns its memory.
+    """
+    numel = 1
+    for d in info.shape:
+        numel *= d
+    stop = numel if stop is None else stop
+    out = torch.empty(stop - start, dtype=info.dtype)
+    view = memoryview(out.view(torch.uint8).numpy()).cast("B")  # raw bytes of ``out``, shared memory
+    itemsize = out.element_size()
+    fh.seek(info.begin + start * itemsize)
+    done = 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            raise ValueError(f"{getattr(fh, 'name', 'file')}: truncated safetensors data")
+        done += got
+    return out
+
+
+def plan_header(
+    specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None
+) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (length prefix + JSON, space-padded to 8 bytes) and each name's absolute byte offset.
+
+    Tensors are laid out contiguously in the order of ``specs``.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offsets: dict[str, int] = {}
+    pos = 0
+    for name, shape, dtype in specs:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name] = pos
+        pos += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    prefix = struct.pack("<Q", len(text)) + text
+    return prefix, {name: len(prefix) + off for name, off in offsets.items()}

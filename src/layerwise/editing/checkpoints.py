@@ -1,0 +1,460 @@
+"""Lazy checkpoint readers (safetensors, sharded folders, Hugging Face folders, torch state dicts) and a
+streaming, atomic writer of sharded safetensors.
+
+Every reader exposes the same small interface (:class:`Checkpoint`): the tensor names, their shapes and
+dtypes without loading anything, and ``read(name, start, stop)`` returning one tensor or a slice of its
+flattened elements. Safetensors are read with positioned reads (see ``_safetensors``); torch files are
+opened with ``torch.load(weights_only=True, mmap=True)``, which refuses arbitrary pickled objects.
+
+Example
+-------
+>>> ckpt = open_checkpoint({"w": torch.ones(2, 3)})
+>>> ckpt.keys(), ckpt.shape("w"), ckpt.read("w", 1, 3)
+(['w'], (2, 3), tensor([1., 1.]))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_directory, write_json
+from . import _safetensors as st
+
+__all__ = [
+    "Checkpoint",
+    "open_checkpoint",
+    "check_compatible",
+    "ShardedSafetensorsWriter",
+    "save_checkpoint",
+    "load_state_dict",
+    "parse_size",
+]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    """A read-only view of named tensors: metadata up front, data one tensor (or slice) at a time."""
+
+    source: str = "<checkpoint>"
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor ``key`` as a 1-D tensor ``(stop - start,)``."""
+        raise NotImplementedError
+
+    def numel(self, key: str) -> int:
+        n = 1
+        for d in self.shape(key):
+            n *= d
+        return n
+
+    def get(self, key: str) -> torch.Tensor:
+        """The whole tensor ``key`` with its shape."""
+        return self.read(key).reshape(self.shape(key))
+
+    def nbytes(self, key: str) -> int:
+        return self.numel(key) * torch.empty((), dtype=self.dtype(key)).element_size()
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Load everything (for small models and tests)."""
+        return {k: self.get(k) for k in self.keys()}
+
+    def close(self) -> None:
+        pass
+
+    def __contains__(self, key: object) -> bool:
+        return key in set(self.keys())
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _missing(self, key: str) -> KeyError:
+        return KeyError(f"{self.source}: no tensor named {key!r}")
+
+
+class StateDictCheckpoint(Checkpoint):
+    """A checkpoint over an in-memory mapping of name -> tensor."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], source: str = "<state dict>") -> None:
+        bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"state dict values must be tensors; not tensors: {bad[:5]}")
+        self._t = dict(tensors)
+        self.source = source
+
+    def keys(self) -> list[str]:
+        return list(self._t)
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        try:
+            return self._t[key]
+        except KeyError:
+            raise self._missing(key) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensor(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor(key).dtype
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._tensor(key).detach().reshape(-1)[start:stop]
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or several safetensors files (the shards of one model), read lazily."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], source: str | None = None) -> None:
+        self._where: dict[str, tuple[Path, st.TensorInfo]] = {}
+        self.metadata: dict[str, str] = {}
+        for f in files:
+            infos, meta = st.read_header(f)
+            self.metadata.update(meta)
+            for name, info in infos.items():
+                if name in self._where:
+                    raise ValueError(f"tensor {name!r} appears in two shards: {self._where[name][0]} and {f}")
+                self._where[name] = (Path(f), info)
+        self.source = source or str(files[0])
+        self._handles: dict[Path, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def _info(self, key: str) -> tuple[Path, st.TensorInfo]:
+        try:
+            return self._where[key]
+        except KeyError:
+            raise self._missing(key) from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info(key)[1].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._info(key)[1].dtype
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        path, info = self._info(key)
+        fh = self._handles.get(path)
+        if fh is None:
+            fh = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        return st.read_range(fh, info, start, stop)
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            fh.close()
+        self._handles.clear()
+
+
+class TorchCheckpoint(Checkpoint):
+    """Torch pickles (``.bin``/``.pt``/``.pth``), possibly sharded, loaded with ``weights_only=True``.
+
+    Each file is memory-mapped (``mmap=True``) on first use; only tensors, plain containers and numbers are
+    accepted by the unpickler, so a file carrying code raises instead of running it.
+    """
+
+    def __init__(self, files: Sequence[str | os.PathLike], weight_map: Mapping[str, str] | None = None,
+                 source: str | None = None) -> None:
+        self._files = [Path(f) for f in files]
+        self.source = source or str(self._files[0])
+        self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
+        if weight_map is not None:  # sharded .bin with an index: names known without loading
+            folder = self._files[0].parent
+            self._where = {k: folder / v for k, v in weight_map.items()}
+        else:
+            self._where = {}
+            for f in self._files:
+                for k in self._load(f):
+                    self._where[k] = f
+
+    def _load(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._loaded:
+            self._loaded[path] = _torch_load_tensors(path)
+        return self._loaded[path]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise self._missing(key)
+        return self._load(self._where[key])[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensor(key).shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensor(key).dtype
+
+    def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._tensor(key).reshape(-1)[start:stop]
+
+    def close(self) -> None:
+        self._loaded.clear()
+
+
+def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)``; unwrap ``{"state_dict": ...}``/``{"model": ...}``; tensors only."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(err) and "zip" not in str(err):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path}: refusing to load: the file contains Python objects other than tensors, and layerwise "
+            f"only unpickles with weights_only=True. Convert it to safetensors in a trusted environment. "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model", "module"):
+            inner = obj.get(wrapper)
+            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    return dict(obj)
+
+
+def open_checkpoint(source: Any) -> Checkpoint:
+    """Open ``source`` lazily as a :class:`Checkpoint`.
+
+    Parameters
+    ----------
+    source : str, PathLike, Mapping[str, Tensor] or Checkpoint
+        A ``.safetensors`` file; a torch file (``.bin``, ``.pt``, ``.pth``, ``.ckpt``); a folder holding a
+        sharded index (``*.safetensors.index.json`` preferred over ``*.bin.index.json``), a single weights
+        file (``model.safetensors``, ``pytorch_model.bin``…) or several safetensors files (a Hugging Face
+        model folder, an open_clip export…); an in-memory state dict; or an open checkpoint (returned as is).
+    """
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, Mapping):
+        return StateDictCheckpoint(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path, a state dict or a Checkpoint, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return SafetensorsCheckpoint([path])
+        if path.name.endswith(".index.json"):
+            return _open_index(path)
+        return TorchCheckpoint([path])
+    indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
+    if indexes:
+        return _open_index(indexes[0])
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return SafetensorsCheckpoint(shards, source=str(path))
+    torch_files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if len(torch_files) == 1:
+        return TorchCheckpoint(torch_files, source=str(path))
+    found = ", ".join(p.name for p in sorted(path.iterdir())[:10]) or "(empty)"
+    raise FileNotFoundError(
+        f"{path}: no weights found: expected an index json, *.safetensors files, or one torch file "
+        f"({', '.join(WEIGHT_SUFFIXES)}); folder holds: {found}"
+    )
+
+
+def _open_index(index: Path) -> Checkpoint:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"{index}: shards listed in the index are missing: {missing}")
+    if index.name.endswith(".safetensors.index.json"):
+        return SafetensorsCheckpoint(files, source=str(index.parent))
+    return TorchCheckpoint(files, weight_map=weight_map, source=str(index.parent))
+
+
+def check_compatible(checkpoints: Sequence[Checkpoint], *, check_dtypes: bool = True) -> None:
+    """Raise ``ValueError`` listing every key, shape or dtype that differs from the first checkpoint."""
+    ref = checkpoints[0]
+    ref_keys = set(ref.keys())
+    problems: list[str] = []
+    for ck in checkpoints[1:]:
+        keys = set(ck.keys())
+        if keys != ref_keys:
+            missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
+            if missing:
+                problems.append(f"{ck.source} lacks {len(missing)} key(s) of {ref.source}: {_clip(missing)}")
+            if extra:
+                problems.append(f"{ck.source} has {len(extra)} key(s) not in {ref.source}: {_clip(extra)}")
+        for key in sorted(keys & ref_keys):
+            if ck.shape(key) != ref.shape(key):
+                problems.append(f"shape of {key!r}: {ref.shape(key)} in {ref.source}, {ck.shape(key)} in {ck.source}")
+            elif check_dtypes and ck.dtype(key) != ref.dtype(key):
+                problems.append(f"dtype of {key!r}: {ref.dtype(key)} in {ref.source}, {ck.dtype(key)} in {ck.source}")
+    if problems:
+        raise ValueError("checkpoints do not match:\n  " + "\n  ".join(_clip(problems, 20, sep="\n  ")))
+
+
+def _clip(items: list[str], n: int = 8, sep: str = ", ") -> str | list[str]:
+    if sep == ", ":
+        return sep.join(items[:n]) + (f", … (+{len(items) - n} more)" if len(items) > n else "")
+    return items[:n] + ([f"… (+{len(items) - n} more)"] if len(items) > n else [])
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str, name: str = "shard_size") -> int:
+    """Bytes from an int or a string like ``"500MB"``, ``"2GiB"`` (decimal and binary units)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a string like '2GB', got {value!r}")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        digits = text.rstrip("KMGTIB")
+        unit = text[len(digits):]
+        if unit not in _UNITS or not digits:
+            raise ValueError(f"{name} must be bytes or a number with a unit in {sorted(_UNITS)}, got {value!r}")
+        try:
+            size = int(float(digits) * _UNITS[unit])
+        except ValueError:
+            raise ValueError(f"{name} must be bytes or a number with a unit, got {value!r}") from None
+    else:
+        raise TypeError(f"{name} must be an int or a string like '2GB', got {type(value).__name__}")
+    if size <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return size
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors whose names, shapes and dtypes are known in advance into sharded safetensors.
+
+    The layout is planned up front (tensors in the order given, a new shard when the next tensor would
+    exceed ``max_shard_bytes``), so each file's header is written first and every tensor, or any slice of
+    its flattened elements, is written straight to its final offset: nothing is buffered in memory.
+    Output: ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json``. Write into a temporary folder (see :func:`layerwise._io.atomic_directory`)
+    so that an interrupted run leaves nothing; :meth:`close` checks that every byte was written.
+
+    Parameters
+    ----------
+    directory : path
+        Existing folder that receives the files.
+    specs : sequence of (name, shape, dtype)
+    max_shard_bytes : int
+    metadata : mapping of str to str, optional
+        Stored in each header's ``__metadata__`` (``{"format": "pt"}`` by default, as transformers expects).
+    """
+
+    def __init__(self, directory: str | os.PathLike, specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                 max_shard_bytes: int = 5 * 10**9, metadata: Mapping[str, str] | None = None) -> None:
+        self.directory = Path(directory)
+        specs = [(name, tuple(int(d) for d in shape), dtype) for name, shape, dtype in specs]
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for spec in specs:
+            n = _numel(spec[1]) * torch.empty((), dtype=spec[2]).element_size()
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += n
+        meta = {"format": "pt", **dict(metadata or {})}
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        self._place: dict[str, tuple[Path, int, torch.dtype, int]] = {}  # name -> file, offset, dtype, numel
+        self._weight_map: dict[str, str] = {}
+        self.total_size = 0
+        for fname, shard in zip(names, shards):
+            prefix, offsets = st.plan_header(shard, meta)
+            path = self.directory / fname
+            end = len(prefix) + sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in shard)
+            with open(path, "wb") as fh:
+                fh.write(prefix)
+                fh.truncate(end)  # sparse until written; close() checks that everything was
+            for name, shape, dtype in shard:
+                self._place[name] = (path, offsets[name], dtype, _numel(shape))
+                self._weight_map[name] = fname
+                self.total_size += _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        self.files = [self.directory / n for n in names]
+        self._written = dict.fromkeys(self._place, 0)
+        self._fh: Any = None
+        self._fh_path: Path | None = None
+
+    def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Write ``tensor`` (any shape; its flattened elements) at element ``start`` of tensor ``name``."""
+        if name not in self._place:
+            raise KeyError(f"tensor {name!r} is not in the planned output")
+        path, offset, dtype, numel = self._place[name]
+        if tensor.dtype != dtype:
+            raise TypeError(f"tensor {name!r}: planned dtype {dtype}, got {tensor.dtype}")
+        flat = tensor.detach().reshape(-1).contiguous()  # (n,)
+        if start < 0 or start + flat.numel() > numel:
+            raise ValueError(f"tensor {name!r}: elements [{start}, {start + flat.numel()}) outside [0, {numel})")
+        if self._fh_path != path:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh, self._fh_path = open(path, "r+b", buffering=0), path  # noqa: SIM115
+        self._fh.seek(offset + start * flat.element_size())
+        data = memoryview(flat.view(torch.uint8).numpy()).cast("B")
+        done = 0
+        while done < len(data):
+            done += self._fh.write(data[done:])
+        self._written[name] += flat.numel()
+
+    def close(self) -> None:
+        """Finish: check completeness and write the index (when there are several shards)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = self._fh_path = None
+        incomplete = [k for k, n in self._written.items() if n != self._place[k][3]]
+        if incomplete:
+            raise RuntimeError(f"writer closed before these tensors were fully written: {_clip(incomplete)}")
+        if len(self.files) > 1:
+            write_json(self.directory / SAFETENSORS_INDEX,
+                       {"metadata": {"total_size": self.total_size}, "weight_map": self._weight_map})
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def save_checkpoint(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike,
+                    max_shard_bytes: int | str = 5 * 10**9) -> Path:
+    """Write a state dict as (sharded) safetensors into the folder ``out``, atomically. Returns ``out``."""
+    max_shard_bytes = parse_size(max_shard_bytes, "max_shard_bytes")
+    with atomic_directory(out) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, [(k, v.shape, v.dtype) for k, v in tensors.items()], max_shard_bytes)
+        for k, v in tensors.items():
+            writer.write(k, v)
+        writer.close()
+    return Path(out)
+
+
+def load_state_dict(source: Any) -> dict[str, torch.Tensor]:
+    """Load a whole checkpoint (any form :func:`open_checkpoint` accepts) into memory."""
+    with open_checkpoint(source) as ck:
+        return ck.to_dict()

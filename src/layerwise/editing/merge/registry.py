@@ -1,0 +1,159 @@
+"""The merge-method registry: each method is a plain function on one chunk of stacked task vectors.
+
+A method receives ``deltas`` of shape ``(T, n)`` (``T`` models, ``n`` elements of one tensor, float32 or
+float64) and returns the merged task vector ``(n,)``. Its declared parameters arrive as keyword arguments:
+per-model ones as tensors ``(T,)``, the others as Python scalars. Methods may also declare the inputs the
+streaming driver prepares for them:
+
+- ``"thresholds"``: ``(T,)`` magnitudes; entry ``t`` keeps ``|delta_t| >= thresholds[t]`` (the top-k of each
+  task vector, per tensor or over the whole model, chosen by the ``density`` and ``topk`` parameters).
+- ``"uniform"``: ``(T, n)`` uniform draws in [0, 1), seeded by (seed, tensor name, model, position) so that
+  results do not depend on how tensors are chunked.
+
+Because every method is element-wise given these inputs, the driver can stream arbitrarily large tensors in
+chunks, and a method written here works unchanged on a 2 GB embedding.
+
+Adding a method
+---------------
+>>> import torch
+>>> @register_merge_method(
+...     "median_demo",
+...     params=[Param("scale", 1.0, low=0.0, doc="multiplies the merged vector")],
+...     reference="https://example.org/paper", description="element-wise median of the task vectors")
+... def median_demo(deltas, *, scale):
+...     return scale * deltas.median(dim=0).values  # (T, n) -> (n,)
+>>> MERGE_METHODS.get("median_demo").fn(torch.tensor([[1.0], [3.0], [2.0]]), scale=1.0)
+tensor([2.])
+>>> _ = MERGE_METHODS._items.pop("median_demo")  # (keep the doctest from registering it for good)
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..._registry import Registry
+
+__all__ = ["Param", "MergeMethod", "MERGE_METHODS", "register_merge_method", "REQUIRED"]
+
+REQUIRED = object()  # default of a parameter the user must give
+_INPUTS = ("thresholds", "uniform")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared method parameter: default, allowed range or choices, and whether it is set per model."""
+
+    name: str
+    default: Any = REQUIRED
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    per_model: bool = False
+    doc: str = ""
+
+    def check(self, value: Any, where: str = "") -> Any:
+        """Return ``value`` validated (ints accepted for float parameters); raise naming the parameter."""
+        label = f"{where}{self.name}"
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ValueError(f"{label} must be one of {list(self.choices)}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{label} must be a number, got {type(value).__name__} {value!r}")
+        value = float(value)
+        if value != value or (self.low is not None and value < self.low) or (
+                self.high is not None and value > self.high):
+            lo = "-inf" if self.low is None else self.low
+            hi = "inf" if self.high is None else self.high
+            raise ValueError(f"{label} must be in [{lo}, {hi}], got {value}")
+        return value
+
+    def describe(self) -> str:
+        rng = (f"one of {list(self.choices)}" if self.choices is not None
+               else f"in [{'-inf' if self.low is None else self.low}, {'inf' if self.high is None else self.high}]")
+        default = "required" if self.default is REQUIRED else f"default {self.default!r}"
+        scope = "per model" if self.per_model else "global"
+        return f"{self.name} ({scope}, {rng}, {default}): {self.doc}"
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: the function, its parameters, the inputs it needs and the paper it implements."""
+
+    name: str
+    fn: Callable[..., Any]
+    params: tuple[Param, ...]
+    inputs: tuple[str, ...] = ()
+    reference: str = ""
+    description: str = ""
+    needs_base: bool = True
+    param_index: Mapping[str, Param] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "param_index", {p.name: p for p in self.params})
+
+    def resolve(self, params: Mapping[str, Any] | None, model_params: Sequence[Mapping[str, Any]]
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Fill defaults and validate: ``(global values, [per-model values])``.
+
+        A per-model parameter may be set globally (applies to every model) and overridden per model.
+        """
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.param_index))
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown} for merge method {self.name!r}; "
+                             f"valid: {sorted(self.param_index)}")
+        glob: dict[str, Any] = {}
+        for p in self.params:
+            value = params.get(p.name, p.default)
+            if value is REQUIRED and not p.per_model:
+                raise ValueError(f"merge method {self.name!r} needs parameter {p.name!r}: {p.doc}")
+            glob[p.name] = value if value is REQUIRED else p.check(value, "parameters.")
+        per_model: list[dict[str, Any]] = []
+        for i, mp in enumerate(model_params):
+            mp = dict(mp or {})
+            bad = sorted(k for k in mp if k not in self.param_index or not self.param_index[k].per_model)
+            if bad:
+                valid = sorted(p.name for p in self.params if p.per_model)
+                raise ValueError(f"models[{i}].parameters: unknown or not per-model {bad} for merge method "
+                                 f"{self.name!r}; per-model parameters: {valid}")
+            values = {}
+            for p in self.params:
+                if p.per_model:
+                    value = mp.get(p.name, glob[p.name])
+                    if value is REQUIRED:
+                        raise ValueError(f"models[{i}].parameters.{p.name} is required by {self.name!r}: {p.doc}")
+                    values[p.name] = p.check(value, f"models[{i}].parameters.")
+            per_model.append(values)
+        return {k: v for k, v in glob.items() if not self.param_index[k].per_model}, per_model
+
+
+MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
+
+
+def register_merge_method(name: str, *, params: Sequence[Param] = (), inputs: Sequence[str] = (),
+                          reference: str = "", description: str = "", needs_base: bool = True
+                          ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn(deltas, **params) -> merged`` as merge method ``name``.
+
+    Parameters
+    ----------
+    params : Param declarations (their names are the function's keyword arguments).
+    inputs : subset of ``("thresholds", "uniform")`` the driver must prepare (also keyword arguments).
+    reference : URL of the paper or code the method implements.
+    needs_base : False if the method is meaningful without a base model (e.g. averaging).
+    """
+    bad = sorted(set(inputs) - set(_INPUTS))
+    if bad:
+        raise ValueError(f"inputs must be among {list(_INPUTS)}, got {bad}")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        MERGE_METHODS.register(name, MergeMethod(name=name, fn=fn, params=tuple(params), inputs=tuple(inputs),
+                                                 reference=reference, description=description,
+                                                 needs_base=needs_base))
+        return fn
+
+    return deco
