@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from layerwise.hierarchy import RHM, belief_propagation, make_noise_process
+from layerwise.hierarchy import RHM, belief_propagation, make_noise_process, theory
 from layerwise.hierarchy.forward_backward import BPDenoiser, Denoiser, forward_backward
 from layerwise.hierarchy.observables import connected_correlations, crossing_point, token_changes
 
@@ -141,12 +141,7 @@ def test_threshold_at_L9_matches_mean_field_eps_star():
     """
     v, m = 32, 8
     eps_star = v * (v - 2 * m + 1) / ((v - 1) * (v - m))
-    try:
-        from layerwise.hierarchy import theory  # the library's own mean-field module, when present
-
-        assert theory.eps_star(v=v, m=m, s=2) == pytest.approx(eps_star, rel=1e-9)
-    except ImportError:
-        pass
+    assert theory.critical_noise(v, m, 2) == pytest.approx(eps_star, rel=1e-9)  # the library's mean field
     rhm = RHM(v=v, n_c=v, m=m, s=2, L=9, seed=13)
     levels = [0.69, 0.71, 0.73, 0.75, 0.77]
     res = forward_backward(rhm.sample(384, seed=14), "eps", levels, 1, BPDenoiser(rhm), seed=15,

@@ -192,3 +192,12 @@ def test_crossing_and_peak_on_known_curves():
     # Parabola sampled off-centre: the three-point refinement is exact.
     assert peak_location(levels, -((levels - 0.437) ** 2)) == pytest.approx(0.437, abs=1e-9)
     assert peak_location(levels, levels) == pytest.approx(1.0)
+
+
+def test_susceptibility_within_distance_counts_only_near_pairs():
+    d = 12
+    idx = torch.arange(d)
+    C = 0.5 ** (idx[:, None] - idx[None, :]).abs().double()
+    near = (idx[:, None] - idx[None, :]).abs() <= 3
+    assert susceptibility(C, r_max=3) == pytest.approx(float(C[near].sum() / d), rel=1e-12)
+    assert susceptibility(C, r_max=d) == pytest.approx(susceptibility(C), rel=1e-12)

@@ -345,7 +345,7 @@ def train_toy_vlm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
     model.eval()
     return losses
 

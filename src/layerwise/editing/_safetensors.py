@@ -43,11 +43,13 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100_000_000  # the reference implementation's limit; guards against reading garbage
 
 if sys.byteorder != "little":  # pragma: no cover - every platform torch supports today is little-endian
-    raise ImportError("layerwise.editing reads safetensors with native byte order and needs a little-endian host")
+    raise ImportError(
+        "layerwise.editing reads safetensors with native byte order and needs a little-endian host"
+    )
 
 
 class TensorInfo(tuple):
-    """``(shape, dtype, begin)``: where a tensor lives in a safetensors file (``begin`` in bytes, absolute)."""
+    """``(shape, dtype, begin)``: where a tensor lives in a safetensors file (``begin``: absolute bytes)."""
 
     __slots__ = ()
 
@@ -80,7 +82,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         if entry["dtype"] not in DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']!r}")
-        infos[name] = TensorInfo(tuple(entry["shape"]), DTYPES[entry["dtype"]], 8 + n + entry["data_offsets"][0])
+        infos[name] = TensorInfo(
+            tuple(entry["shape"]), DTYPES[entry["dtype"]], 8 + n + entry["data_offsets"][0]
+        )
     return infos, dict(metadata)
 
 
@@ -121,7 +125,11 @@ def plan_header(
         for d in shape:
             numel *= d
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [pos, pos + nbytes],
+        }
         offsets[name] = pos
         pos += nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")

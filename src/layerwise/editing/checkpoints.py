@@ -172,8 +172,12 @@ class TorchCheckpoint(Checkpoint):
     accepted by the unpickler, so a file carrying code raises instead of running it.
     """
 
-    def __init__(self, files: Sequence[str | os.PathLike], weight_map: Mapping[str, str] | None = None,
-                 source: str | None = None) -> None:
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike],
+        weight_map: Mapping[str, str] | None = None,
+        source: str | None = None,
+    ) -> None:
         self._files = [Path(f) for f in files]
         self.source = source or str(self._files[0])
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
@@ -230,15 +234,21 @@ def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model", "module"):
             inner = obj.get(wrapper)
-            if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, torch.Tensor) for v in inner.values())
+            ):
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise ValueError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     return dict(obj)
 
 
-def open_checkpoint(source: Any) -> Checkpoint:
+def open_checkpoint(source: Any, name: str | None = None) -> Checkpoint:
     """Open ``source`` lazily as a :class:`Checkpoint`.
 
     Parameters
@@ -248,13 +258,17 @@ def open_checkpoint(source: Any) -> Checkpoint:
         sharded index (``*.safetensors.index.json`` preferred over ``*.bin.index.json``), a single weights
         file (``model.safetensors``, ``pytorch_model.bin``…) or several safetensors files (a Hugging Face
         model folder, an open_clip export…); an in-memory state dict; or an open checkpoint (returned as is).
+    name : str, optional
+        How an in-memory state dict is called in error messages.
     """
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, Mapping):
-        return StateDictCheckpoint(source)
+        return StateDictCheckpoint(source, source=name or "<state dict>")
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"checkpoint must be a path, a state dict or a Checkpoint, got {type(source).__name__}")
+        raise TypeError(
+            f"checkpoint must be a path, a state dict or a Checkpoint, got {type(source).__name__}"
+        )
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -301,16 +315,28 @@ def check_compatible(checkpoints: Sequence[Checkpoint], *, check_dtypes: bool = 
         if keys != ref_keys:
             missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
             if missing:
-                problems.append(f"{ck.source} lacks {len(missing)} key(s) of {ref.source}: {_clip(missing)}")
+                problems.append(
+                    f"{ck.source} lacks {len(missing)} key(s) of {ref.source}: {_clip(_q(missing))}"
+                )
             if extra:
-                problems.append(f"{ck.source} has {len(extra)} key(s) not in {ref.source}: {_clip(extra)}")
+                problems.append(
+                    f"{ck.source} has {len(extra)} key(s) not in {ref.source}: {_clip(_q(extra))}"
+                )
         for key in sorted(keys & ref_keys):
             if ck.shape(key) != ref.shape(key):
-                problems.append(f"shape of {key!r}: {ref.shape(key)} in {ref.source}, {ck.shape(key)} in {ck.source}")
+                problems.append(
+                    f"shape of {key!r}: {ref.shape(key)} in {ref.source}, {ck.shape(key)} in {ck.source}"
+                )
             elif check_dtypes and ck.dtype(key) != ref.dtype(key):
-                problems.append(f"dtype of {key!r}: {ref.dtype(key)} in {ref.source}, {ck.dtype(key)} in {ck.source}")
+                problems.append(
+                    f"dtype of {key!r}: {ref.dtype(key)} in {ref.source}, {ck.dtype(key)} in {ck.source}"
+                )
     if problems:
         raise ValueError("checkpoints do not match:\n  " + "\n  ".join(_clip(problems, 20, sep="\n  ")))
+
+
+def _q(items: list[str]) -> list[str]:
+    return [repr(k) for k in items]
 
 
 def _clip(items: list[str], n: int = 8, sep: str = ", ") -> str | list[str]:
@@ -319,8 +345,18 @@ def _clip(items: list[str], n: int = 8, sep: str = ", ") -> str | list[str]:
     return items[:n] + ([f"… (+{len(items) - n} more)"] if len(items) > n else [])
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(value: int | str, name: str = "shard_size") -> int:
@@ -332,9 +368,11 @@ def parse_size(value: int | str, name: str = "shard_size") -> int:
     elif isinstance(value, str):
         text = value.strip().upper().replace(" ", "")
         digits = text.rstrip("KMGTIB")
-        unit = text[len(digits):]
+        unit = text[len(digits) :]
         if unit not in _UNITS or not digits:
-            raise ValueError(f"{name} must be bytes or a number with a unit in {sorted(_UNITS)}, got {value!r}")
+            raise ValueError(
+                f"{name} must be bytes or a number with a unit in {sorted(_UNITS)}, got {value!r}"
+            )
         try:
             size = int(float(digits) * _UNITS[unit])
         except ValueError:
@@ -353,7 +391,7 @@ class ShardedSafetensorsWriter:
     exceed ``max_shard_bytes``), so each file's header is written first and every tensor, or any slice of
     its flattened elements, is written straight to its final offset: nothing is buffered in memory.
     Output: ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` plus
-    ``model.safetensors.index.json``. Write into a temporary folder (see :func:`layerwise._io.atomic_directory`)
+    ``model.safetensors.index.json``. Write into a temporary folder (:func:`layerwise._io.atomic_directory`)
     so that an interrupted run leaves nothing; :meth:`close` checks that every byte was written.
 
     Parameters
@@ -366,8 +404,13 @@ class ShardedSafetensorsWriter:
         Stored in each header's ``__metadata__`` (``{"format": "pt"}`` by default, as transformers expects).
     """
 
-    def __init__(self, directory: str | os.PathLike, specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
-                 max_shard_bytes: int = 5 * 10**9, metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
+        max_shard_bytes: int = 5 * 10**9,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         specs = [(name, tuple(int(d) for d in shape), dtype) for name, shape, dtype in specs]
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
@@ -380,12 +423,15 @@ class ShardedSafetensorsWriter:
             shards[-1].append(spec)
             size += n
         meta = {"format": "pt", **dict(metadata or {})}
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
         self._place: dict[str, tuple[Path, int, torch.dtype, int]] = {}  # name -> file, offset, dtype, numel
         self._weight_map: dict[str, str] = {}
         self.total_size = 0
-        for fname, shard in zip(names, shards):
+        for fname, shard in zip(names, shards, strict=False):
             prefix, offsets = st.plan_header(shard, meta)
             path = self.directory / fname
             end = len(prefix) + sum(_numel(s) * torch.empty((), dtype=d).element_size() for _, s, d in shard)
@@ -410,7 +456,9 @@ class ShardedSafetensorsWriter:
             raise TypeError(f"tensor {name!r}: planned dtype {dtype}, got {tensor.dtype}")
         flat = tensor.detach().reshape(-1).contiguous()  # (n,)
         if start < 0 or start + flat.numel() > numel:
-            raise ValueError(f"tensor {name!r}: elements [{start}, {start + flat.numel()}) outside [0, {numel})")
+            raise ValueError(
+                f"tensor {name!r}: elements [{start}, {start + flat.numel()}) outside [0, {numel})"
+            )
         if self._fh_path != path:
             if self._fh is not None:
                 self._fh.close()
@@ -431,8 +479,10 @@ class ShardedSafetensorsWriter:
         if incomplete:
             raise RuntimeError(f"writer closed before these tensors were fully written: {_clip(incomplete)}")
         if len(self.files) > 1:
-            write_json(self.directory / SAFETENSORS_INDEX,
-                       {"metadata": {"total_size": self.total_size}, "weight_map": self._weight_map})
+            write_json(
+                self.directory / SAFETENSORS_INDEX,
+                {"metadata": {"total_size": self.total_size}, "weight_map": self._weight_map},
+            )
 
 
 def _numel(shape: Iterable[int]) -> int:
@@ -442,12 +492,15 @@ def _numel(shape: Iterable[int]) -> int:
     return n
 
 
-def save_checkpoint(tensors: Mapping[str, torch.Tensor], out: str | os.PathLike,
-                    max_shard_bytes: int | str = 5 * 10**9) -> Path:
+def save_checkpoint(
+    tensors: Mapping[str, torch.Tensor], out: str | os.PathLike, max_shard_bytes: int | str = 5 * 10**9
+) -> Path:
     """Write a state dict as (sharded) safetensors into the folder ``out``, atomically. Returns ``out``."""
     max_shard_bytes = parse_size(max_shard_bytes, "max_shard_bytes")
     with atomic_directory(out) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, [(k, v.shape, v.dtype) for k, v in tensors.items()], max_shard_bytes)
+        writer = ShardedSafetensorsWriter(
+            tmp, [(k, v.shape, v.dtype) for k, v in tensors.items()], max_shard_bytes
+        )
         for k, v in tensors.items():
             writer.write(k, v)
         writer.close()

@@ -94,9 +94,15 @@ def discover_blocks(keys: Iterable[str], pattern: str | None = None) -> BlockLay
         order = tuple(int(s) for s in _INT_SEGMENT.findall(prefix)) + (int(m.group(1)),)
         found[key] = (_INT_SEGMENT.sub("*", prefix), order)
     if not found:
-        how = "the default containers " + ", ".join(BLOCK_CONTAINERS) if pattern is None else f"pattern {pattern!r}"
-        raise ValueError(f"no residual blocks found with {how} in keys such as {list(keys[:4])}; "
-                         "pass pattern=<regex whose first group captures the block index>")
+        how = (
+            "the default containers " + ", ".join(BLOCK_CONTAINERS)
+            if pattern is None
+            else f"pattern {pattern!r}"
+        )
+        raise ValueError(
+            f"no residual blocks found with {how} in keys such as {list(keys[:4])}; "
+            "pass pattern=<regex whose first group captures the block index>"
+        )
     per_tower: dict[str, list[tuple[int, ...]]] = {}
     for tower, order in found.values():
         per_tower.setdefault(tower, []).append(order)
@@ -119,9 +125,10 @@ def _scale(alpha: float, beta: float, i: int, num_blocks: int) -> float:
     return alpha + beta * (i / (num_blocks - 1) if num_blocks > 1 else 1.0)
 
 
-def lines_scales(keys: Iterable[str] | BlockLayout, alpha: float, beta: float, *, pattern: str | None = None
-                 ) -> dict[str, float]:
-    """``{key: lambda}``: ``alpha + beta * i / (L - 1)`` inside block ``i`` of a tower of ``L``, else ``alpha``."""
+def lines_scales(
+    keys: Iterable[str] | BlockLayout, alpha: float, beta: float, *, pattern: str | None = None
+) -> dict[str, float]:
+    """``{key: lambda}``: ``alpha + beta * i / (L - 1)`` in block ``i`` of ``L``; ``alpha`` outside blocks."""
     alpha = check_float("alpha", alpha)
     beta = check_float("beta", beta)
     layout = keys if isinstance(keys, BlockLayout) else discover_blocks(keys, pattern)
@@ -140,12 +147,26 @@ def lines_table(layout: BlockLayout, alpha: float, beta: float) -> list[dict]:
     rows: dict[tuple[str, int], int] = {}
     for tower, i in layout.depth.values():
         rows[(tower, i)] = rows.get((tower, i), 0) + 1
-    table = [{"tower": "(outside blocks)", "block": None, "num_blocks": None, "scale": alpha,
-              "tensors": len(layout.keys) - len(layout.depth)}]
+    table = [
+        {
+            "tower": "(outside blocks)",
+            "block": None,
+            "num_blocks": None,
+            "scale": alpha,
+            "tensors": len(layout.keys) - len(layout.depth),
+        }
+    ]
     for (tower, i), count in sorted(rows.items()):
         n = layout.towers[tower]
-        table.append({"tower": tower, "block": i, "num_blocks": n, "scale": _scale(alpha, beta, i, n),
-                      "tensors": count})
+        table.append(
+            {
+                "tower": tower,
+                "block": i,
+                "num_blocks": n,
+                "scale": _scale(alpha, beta, i, n),
+                "tensors": count,
+            }
+        )
     return table
 
 
@@ -164,8 +185,13 @@ def single_task_beta(alpha: float) -> float:
     return 1.0 - check_float("alpha", alpha)
 
 
-def apply_lines(task_vector: TaskVector | Mapping[str, torch.Tensor], alpha: float, beta: float | None = None,
-                *, pattern: str | None = None) -> TaskVector:
+def apply_lines(
+    task_vector: TaskVector | Mapping[str, torch.Tensor],
+    alpha: float,
+    beta: float | None = None,
+    *,
+    pattern: str | None = None,
+) -> TaskVector:
     """Scale a task vector (or a merged one) block by block; ``beta=None`` means single task, ``1 - alpha``.
 
     Returns a lazy :class:`TaskVector`; a mapping of tensors is wrapped with ``TaskVector.from_tensors``.
@@ -182,5 +208,7 @@ def multitask_alpha(task_vectors: Sequence[TaskVector], merged: TaskVector) -> f
         raise ValueError("task_vectors must not be empty")
     merged_l1 = merged.norm(1)
     if merged_l1 == 0:
-        raise ValueError("the merged task vector is zero; alpha = ||sum tau||_1 / ||tau_merged||_1 is undefined")
+        raise ValueError(
+            "the merged task vector is zero; alpha = ||sum tau||_1 / ||tau_merged||_1 is undefined"
+        )
     return sum(task_vectors).norm(1) / merged_l1 / len(task_vectors)

@@ -58,17 +58,23 @@ class TaskVector:
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> TaskVector:
         """A task vector holding given difference tensors (e.g. a merge result) in memory."""
         keys = [k for k, v in tensors.items() if v.dtype.is_floating_point]
-        return cls._from_fn(keys, {k: tuple(tensors[k].shape) for k in keys},
-                            lambda k: tensors[k].to(compute_dtype(tensors[k].dtype)))
+        return cls._from_fn(
+            keys,
+            {k: tuple(tensors[k].shape) for k in keys},
+            lambda k: tensors[k].to(compute_dtype(tensors[k].dtype)),
+        )
 
     @classmethod
-    def _from_fn(cls, keys: list[str], shapes: Mapping[str, tuple[int, ...]],
-                 fn: Callable[[str], torch.Tensor]) -> TaskVector:
+    def _from_fn(
+        cls, keys: list[str], shapes: Mapping[str, tuple[int, ...]], fn: Callable[[str], torch.Tensor]
+    ) -> TaskVector:
         tv = cls()
         tv._init(keys, shapes, fn)
         return tv
 
-    def _init(self, keys: list[str], shapes: Mapping[str, tuple[int, ...]], fn: Callable[[str], torch.Tensor]):
+    def _init(
+        self, keys: list[str], shapes: Mapping[str, tuple[int, ...]], fn: Callable[[str], torch.Tensor]
+    ):
         self._keys = list(keys)
         self._shapes = dict(shapes)
         self._fn = fn
@@ -149,7 +155,9 @@ class TaskVector:
         base_ck: Checkpoint = open_checkpoint(base)
         missing = [k for k in self._keys if k not in base_ck or tuple(base_ck.shape(k)) != self._shapes[k]]
         if missing:
-            raise ValueError(f"base lacks or reshapes {len(missing)} tensor(s) of the task vector: {missing[:8]}")
+            raise ValueError(
+                f"base lacks or reshapes {len(missing)} tensor(s) of the task vector: {missing[:8]}"
+            )
         mine = set(self._keys)
         out = {}
         for k in base_ck.keys():

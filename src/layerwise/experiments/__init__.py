@@ -9,5 +9,8 @@ from ._base import EXPERIMENTS, SCALES, Experiment, run_experiment
 
 # Importing a module registers its experiment; keep this list in the order the report shows them.
 from . import rhm_stats  # noqa: E402,F401  isort: skip
+from . import phase_transition  # noqa: E402,F401  isort: skip
+from . import chunks  # noqa: E402,F401  isort: skip
+from . import m3id  # noqa: E402,F401  isort: skip
 
 __all__ = ["EXPERIMENTS", "SCALES", "Experiment", "run_experiment"]

@@ -2,6 +2,7 @@
 
 from .bp import BPResult, UpwardMessages, belief_propagation, sample_posterior, upward_pass
 from .datafile import load_dataset, save_dataset
+from .forward_backward import BPDenoiser, Denoiser, ForwardBackwardResult, LevelResult
 from .noise import NOISE_PROCESSES, NoiseProcess, make_noise_process
 from .rhm import RHM, RHMDataset, RHMSample, one_hot, sample_rules
 
@@ -21,4 +22,5 @@ __all__ = [
     "NOISE_PROCESSES",
     "NoiseProcess",
     "make_noise_process",
+    "BPDenoiser", "Denoiser", "ForwardBackwardResult", "LevelResult",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "LevelResult",
     "ForwardBackwardResult",
     "forward_backward",
+    "level_seeds",
 ]
 
 # Rows of evidence per BP call: 2**23 float64 elements (64 MiB) of (rows, d, v).
@@ -178,7 +179,7 @@ class LevelResult:
         }
         if self.statistics is not None:
             stats = self.statistics.summary(r_max=r_max)
-            out.update(chi=stats["chi"], xi=stats["xi"], r=stats["r"], C_r=stats["C_r"])
+            out.update({k: stats[k] for k in ("chi", "chi_r_max", "xi", "r", "C_r") if k in stats})
         return out
 
 
@@ -274,6 +275,13 @@ def _run_level(
 
 
 # --------------------------------------------------------------------------------------------- public
+def level_seeds(seed: int | torch.Generator | None, levels: Sequence[float]) -> list[int]:
+    """One seed per noise level, a function of ``seed`` and the level's value only (not of its position)."""
+    base = int(torch.randint(0, 2**62, (1,), generator=make_generator(seed)))
+    # An odd 64-bit multiplier spreads nearby levels apart; levels are resolved to 2**-40.
+    return [(base + round(float(t) * 2**40) * 0x9E3779B97F4A7C15) % 2**62 for t in levels]
+
+
 def forward_backward(
     data: RHMSample | torch.Tensor,
     process: ForwardProcess | str,
@@ -298,8 +306,9 @@ def forward_backward(
     levels : noise levels in [0, 1] (eps, resampling probability or mask fraction).
     n_trajectories : independent forward-backward runs per ``x0`` (>= 1; >= 2 for correlations).
     denoiser : draws ``x̂0`` given ``x_t``, e.g. :class:`BPDenoiser` or a real model's adapter.
-    seed : seed of all the randomness; level ``k`` uses its own seed derived from it, so its result does
-        not depend on the other levels (and levels can run in parallel).
+    seed : seed of all the randomness; each level uses its own seed derived from ``seed`` and its value
+        (:func:`level_seeds`), so its result does not depend on the other levels or their order (and
+        levels can run in parallel).
     keep_trajectories : keep ``x_t``, ``x̂0`` (and the trees) of every run; False keeps only the streamed
         observables (memory ``O(d**2)`` per level).
     batch_size : rows (``x0`` copies times trajectories) denoised per call.
@@ -346,8 +355,7 @@ def forward_backward(
     n_traj = check_int("n_trajectories", n_trajectories, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     batch_x0 = max(1, batch_size // n_traj)
-    base = make_generator(seed)
-    seeds = torch.randint(0, 2**62, (len(levels),), generator=base).tolist()
+    seeds = level_seeds(seed, levels)
     args = [(x0, tree0, process, t, n_traj, denoiser, sd, keep_trajectories, batch_x0)
             for t, sd in zip(levels, seeds, strict=True)]
     from tqdm.auto import tqdm

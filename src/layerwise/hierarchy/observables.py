@@ -154,13 +154,28 @@ def connected_correlations(changes: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ntp,ntq->pq", centred, centred) / (n_x0 * (n_traj - 1))
 
 
-def susceptibility(C: torch.Tensor) -> float:
-    """``chi = sum_ij C_ij / sum_i C_ii`` of a (P, P) correlation matrix; NaN when nothing fluctuates."""
+def susceptibility(C: torch.Tensor, grid: Sequence[int] | None = None, r_max: float | None = None) -> float:
+    """``chi = sum_ij C_ij / sum_i C_ii`` of a (P, P) correlation matrix; NaN when nothing fluctuates.
+
+    Parameters
+    ----------
+    C : (P, P) correlations.
+    grid : positions' grid shape (default ``(P,)``), used only with ``r_max``.
+    r_max : if given, sum only the pairs at distance ``<= r_max`` (the text protocol of the ICLR paper
+        uses ``r <= 10``), which keeps far, noisy pairs out of long sequences.
+    """
     C = _check_square(C)
     diag = float(C.diagonal().sum())
     if diag <= 0.0:
         return float("nan")
-    return float(C.sum()) / diag
+    if r_max is None:
+        return float(C.sum()) / diag
+    r_max = check_float("r_max", r_max, low=0.0)
+    grid = (C.shape[0],) if grid is None else tuple(grid)
+    if math.prod(grid) != C.shape[0]:
+        raise ValueError(f"grid must have prod(grid) == P = {C.shape[0]}, got grid={grid}")
+    near = _squared_distances(grid) <= r_max * r_max + 1e-9
+    return float(C[near].sum()) / diag
 
 
 def _squared_distances(grid: Sequence[int]) -> torch.Tensor:
@@ -394,16 +409,25 @@ class ChangeStatistics:
         """Susceptibility ``sum_ij C_ij / sum_i C_ii``."""
         return susceptibility(self.C)
 
+    def chi_within(self, r_max: float) -> float:
+        """Susceptibility over the pairs at distance ``<= r_max``."""
+        return susceptibility(self.C, self.grid, r_max)
+
     def C_of_r(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(r, C(r))`` on the grid, see :func:`correlation_by_distance`."""
         return correlation_by_distance(self.C, self.grid)
 
     def summary(self, r_max: float | None = None) -> dict[str, object]:
-        """Key numbers as plain Python values: change probability, chi, xi (moment), r and C(r)."""
+        """Key numbers as plain Python values: change probability, chi, xi (moment), r and C(r).
+
+        With ``r_max`` the correlation length uses ``r <= r_max`` and ``chi_r_max`` is added.
+        """
         r, C_r = self.C_of_r()
+        extra = {} if r_max is None else {"chi_r_max": self.chi_within(r_max)}
         return {
             "change_probability": self.change_probability,
             "chi": self.chi,
+            **extra,
             "xi": correlation_length(r, C_r, "moment", r_max=r_max),
             "r": r.tolist(),
             "C_r": C_r.tolist(),

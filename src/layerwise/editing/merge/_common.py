@@ -9,10 +9,20 @@ from .registry import Param
 __all__ = ["WEIGHT", "DENSITY", "TOPK", "disjoint_mean"]
 
 WEIGHT = Param("weight", 1.0, per_model=True, doc="coefficient of this model's task vector")
-DENSITY = Param("density", 0.2, low=0.0, high=1.0, per_model=True,
-                doc="fraction of entries kept: the int(density * n) largest magnitudes")
-TOPK = Param("topk", "tensor", choices=("tensor", "global"),
-             doc="rank magnitudes within each tensor (mergekit, peft) or over the whole model (TIES paper)")
+DENSITY = Param(
+    "density",
+    0.2,
+    low=0.0,
+    high=1.0,
+    per_model=True,
+    doc="fraction of entries kept: the max(1, int(density * n)) largest magnitudes",
+)
+TOPK = Param(
+    "topk",
+    "tensor",
+    choices=("tensor", "global"),
+    doc="rank magnitudes within each tensor (mergekit, peft) or over the whole model (TIES paper)",
+)
 
 
 def disjoint_mean(deltas: torch.Tensor, weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -13,8 +13,12 @@ from .registry import register_merge_method
 
 
 @register_merge_method(
-    "average", params=[WEIGHT], reference="https://arxiv.org/abs/2203.05482", needs_base=False,
-    description="weighted mean of the models' weights (base model optional)")
+    "average",
+    params=[WEIGHT],
+    reference="https://arxiv.org/abs/2203.05482",
+    needs_base=False,
+    description="weighted mean of the models' weights (base model optional)",
+)
 def average(deltas: torch.Tensor, *, weight: torch.Tensor) -> torch.Tensor:
     """``deltas`` (T, n), ``weight`` (T,) -> weighted mean (n,). The weights must not sum to 0."""
     total = float(weight.sum())

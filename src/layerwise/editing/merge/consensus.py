@@ -17,12 +17,18 @@ import torch
 from ._common import WEIGHT
 from .registry import Param, register_merge_method
 
-LAMBDA = Param("mask_lambda", 0.6, low=0.0, per_model=True,
-               doc="TALL-mask threshold lambda_t (the paper searches 0.2 ... 0.6)")
+LAMBDA = Param(
+    "mask_lambda",
+    0.6,
+    low=0.0,
+    per_model=True,
+    doc="TALL-mask threshold lambda_t (the paper searches 0.2 ... 0.6)",
+)
 
 
-def tall_mask(deltas: torch.Tensor, weight: torch.Tensor, mask_lambda: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def tall_mask(
+    deltas: torch.Tensor, weight: torch.Tensor, mask_lambda: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(masks (T, n) bool, tau_MTL (n,))`` for task vectors ``deltas`` (T, n)."""
     mtl = weight.to(deltas.dtype) @ deltas  # (n,)
     masks = deltas.abs() > mask_lambda[:, None].to(deltas.dtype) * (mtl[None, :] - deltas).abs()  # (T, n)
@@ -30,21 +36,31 @@ def tall_mask(deltas: torch.Tensor, weight: torch.Tensor, mask_lambda: torch.Ten
 
 
 @register_merge_method(
-    "consensus", params=[WEIGHT, LAMBDA, Param("k", 2.0, low=0.0, doc="minimum number of tasks (masks) agreeing")],
+    "consensus",
+    params=[WEIGHT, LAMBDA, Param("k", 2.0, low=0.0, doc="minimum number of tasks (masks) agreeing")],
     reference="https://arxiv.org/abs/2405.07813",
-    description="Consensus TA: keep entries active in >= k TALL masks")
-def consensus(deltas: torch.Tensor, *, weight: torch.Tensor, mask_lambda: torch.Tensor, k: float) -> torch.Tensor:
+    description="Consensus TA: keep entries active in >= k TALL masks",
+)
+def consensus(
+    deltas: torch.Tensor, *, weight: torch.Tensor, mask_lambda: torch.Tensor, k: float
+) -> torch.Tensor:
     masks, mtl = tall_mask(deltas, weight, mask_lambda)
     return torch.where(masks.sum(dim=0) >= k, mtl, 0)
 
 
 @register_merge_method(
-    "tall_masks", params=[WEIGHT, LAMBDA, Param("target", 0.0, low=0.0,
-                                                doc="index (0-based, in models) of the task to reconstruct")],
+    "tall_masks",
+    params=[
+        WEIGHT,
+        LAMBDA,
+        Param("target", 0.0, low=0.0, doc="index (0-based, in models) of the task to reconstruct"),
+    ],
     reference="https://arxiv.org/abs/2405.07813",
-    description="TALL masks: one task's model rebuilt from the multi-task vector")
-def tall_masks(deltas: torch.Tensor, *, weight: torch.Tensor, mask_lambda: torch.Tensor, target: float
-               ) -> torch.Tensor:
+    description="TALL masks: one task's model rebuilt from the multi-task vector",
+)
+def tall_masks(
+    deltas: torch.Tensor, *, weight: torch.Tensor, mask_lambda: torch.Tensor, target: float
+) -> torch.Tensor:
     t = int(target)
     if t != target or not 0 <= t < deltas.shape[0]:
         raise ValueError(f"target must be a model index in [0, {deltas.shape[0] - 1}], got {target}")

@@ -12,13 +12,24 @@ from .registry import Param, register_merge_method
 
 
 @register_merge_method(
-    "dare", params=[WEIGHT,
-                    Param("drop_rate", 0.9, low=0.0, high=0.999, per_model=True, doc="probability p of dropping"),
-                    Param("combine", "sum", choices=("sum", "ties"), doc="how the rescaled vectors are merged")],
-    inputs=("uniform",), reference="https://arxiv.org/abs/2311.03099",
-    description="DARE: random drop with rescaling, then sum (or TIES sign election)")
-def dare(deltas: torch.Tensor, *, weight: torch.Tensor, drop_rate: torch.Tensor, combine: str,
-         uniform: torch.Tensor) -> torch.Tensor:
+    "dare",
+    params=[
+        WEIGHT,
+        Param("drop_rate", 0.9, low=0.0, high=0.999, per_model=True, doc="probability p of dropping"),
+        Param("combine", "sum", choices=("sum", "ties"), doc="how the rescaled vectors are merged"),
+    ],
+    inputs=("uniform",),
+    reference="https://arxiv.org/abs/2311.03099",
+    description="DARE: random drop with rescaling, then sum (or TIES sign election)",
+)
+def dare(
+    deltas: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    drop_rate: torch.Tensor,
+    combine: str,
+    uniform: torch.Tensor,
+) -> torch.Tensor:
     """``deltas`` (T, n), ``uniform`` (T, n) draws in [0, 1): entry kept iff ``uniform >= drop_rate``."""
     p = drop_rate[:, None].to(deltas.dtype)  # (T, 1)
     kept = torch.where(uniform.to(deltas.dtype) >= p, deltas / (1 - p), 0)  # (T, n)

@@ -39,13 +39,25 @@ from ..checkpoints import (
 from ..lines import discover_blocks, format_lines_table, lines_scales, lines_table
 from ..task_vector import compute_dtype
 from .registry import MERGE_METHODS, MergeMethod
-from .topk import TwoPassThreshold, topk_count
+from .topk import TwoPassThreshold, kth_largest_abs, topk_count
 
-__all__ = ["LinesSpec", "MergePlan", "MergeResult", "plan_merge", "execute_plan", "merge_models",
-           "uniform_draws", "DTYPE_CHOICES"]
+__all__ = [
+    "LinesSpec",
+    "MergePlan",
+    "MergeResult",
+    "plan_merge",
+    "execute_plan",
+    "merge_models",
+    "uniform_draws",
+    "DTYPE_CHOICES",
+]
 
-DTYPE_CHOICES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64}
+DTYPE_CHOICES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 _RNG_BLOCK = 1 << 20  # DARE draws are generated in blocks of this many elements (independent of chunking)
 
 
@@ -94,22 +106,30 @@ class MergePlan:
     def describe(self) -> str:
         """Human-readable plan."""
         keys = self.base.keys()
-        total = sum(self.base.numel(k) * torch.empty((), dtype=self.out_dtype(k)).element_size() for k in keys)
+        total = sum(
+            self.base.numel(k) * torch.empty((), dtype=self.out_dtype(k)).element_size() for k in keys
+        )
         lines = [f"method: {self.method.name} — {self.method.description}"]
         if self.method.reference:
             lines.append(f"reference: {self.method.reference}")
-        lines.append(f"base model: {self.base.source}" + ("" if self.base_given else " (first model, no base given)"))
-        for i, (m, mp) in enumerate(zip(self.models, self.model_params)):
+        lines.append(
+            f"base model: {self.base.source}" + ("" if self.base_given else " (first model, no base given)")
+        )
+        for i, (m, mp) in enumerate(zip(self.models, self.model_params, strict=False)):
             lines.append(f"model {i}: {m.source}  {mp}")
         lines.append(f"parameters: {self.params}  scale: {self.scale}  seed: {self.seed}")
-        lines.append(f"tensors: {len(keys)} ({len(self.float_keys)} merged, {len(keys) - len(self.float_keys)} "
-                     f"copied from the base), output {total / 1e6:.1f} MB, dtype "
-                     f"{'as base' if self.dtype is None else str(self.dtype).replace('torch.', '')}, "
-                     f"shards of at most {self.max_shard_bytes / 1e6:.0f} MB")
+        lines.append(
+            f"tensors: {len(keys)} ({len(self.float_keys)} merged, {len(keys) - len(self.float_keys)} "
+            f"copied from the base), output {total / 1e6:.1f} MB, dtype "
+            f"{'as base' if self.dtype is None else str(self.dtype).replace('torch.', '')}, "
+            f"shards of at most {self.max_shard_bytes / 1e6:.0f} MB"
+        )
         if self.lines is not None:
             alpha = "auto (computed in a pre-pass)" if self.lines_alpha is None else f"{self.lines_alpha:.6g}"
-            lines.append(f"LiNeS: alpha {alpha}, beta {self.lines_beta:.6g}, "
-                         f"{len(self.lines_layout.towers)} tower(s): {dict(self.lines_layout.towers)}")
+            lines.append(
+                f"LiNeS: alpha {alpha}, beta {self.lines_beta:.6g}, "
+                f"{len(self.lines_layout.towers)} tower(s): {dict(self.lines_layout.towers)}"
+            )
             shown_alpha = 0.0 if self.lines_alpha is None else self.lines_alpha
             table = lines_table(self.lines_layout, shown_alpha, self.lines_beta)
             text = format_lines_table(table)
@@ -131,11 +151,21 @@ class MergeResult:
     info: dict[str, Any]
 
 
-def plan_merge(method: str, models: Sequence[Any], base: Any = None, *, params: Mapping[str, Any] | None = None,
-               model_params: Sequence[Mapping[str, Any]] | None = None, scale: float = 1.0,
-               lines: LinesSpec | None = None, dtype: str | torch.dtype | None = None, seed: int = 0,
-               max_shard_bytes: int | str = "5GB", chunk_elements: int = 1 << 22, check_dtypes: bool = True
-               ) -> MergePlan:
+def plan_merge(
+    method: str,
+    models: Sequence[Any],
+    base: Any = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    model_params: Sequence[Mapping[str, Any]] | None = None,
+    scale: float = 1.0,
+    lines: LinesSpec | None = None,
+    dtype: str | torch.dtype | None = None,
+    seed: int = 0,
+    max_shard_bytes: int | str = "5GB",
+    chunk_elements: int = 1 << 20,
+    check_dtypes: bool = True,
+) -> MergePlan:
     """Open the checkpoints, check they match, validate parameters; read no tensor data.
 
     Parameters
@@ -156,11 +186,13 @@ def plan_merge(method: str, models: Sequence[Any], base: Any = None, *, params: 
         raise ValueError("models must list at least one checkpoint")
     model_params = list(model_params) if model_params is not None else [{} for _ in models]
     if len(model_params) != len(models):
-        raise ValueError(f"model_params must have one entry per model ({len(models)}), got {len(model_params)}")
-    opened = [open_checkpoint(m) for m in models]
+        raise ValueError(
+            f"model_params must have one entry per model ({len(models)}), got {len(model_params)}"
+        )
+    opened = [open_checkpoint(m, name=f"models[{i}]") for i, m in enumerate(models)]
     if base is None and spec.needs_base:
         raise ValueError(f"merge method {method!r} needs a base model (base_model)")
-    base_ck = open_checkpoint(base) if base is not None else opened[0]
+    base_ck = open_checkpoint(base, name="base_model") if base is not None else opened[0]
     check_compatible([base_ck, *opened], check_dtypes=check_dtypes)
     glob, per_model = spec.resolve(params, model_params)
     if isinstance(dtype, str):
@@ -170,10 +202,18 @@ def plan_merge(method: str, models: Sequence[Any], base: Any = None, *, params: 
     elif dtype is not None and dtype not in DTYPE_CHOICES.values():
         raise ValueError(f"dtype must be one of {sorted(DTYPE_CHOICES)} or omitted, got {dtype!r}")
     plan = MergePlan(
-        method=spec, base=base_ck, models=opened, params=glob, model_params=per_model,
-        scale=check_float("scale", scale), lines=lines, dtype=dtype, seed=check_int("seed", seed, low=0),
+        method=spec,
+        base=base_ck,
+        models=opened,
+        params=glob,
+        model_params=per_model,
+        scale=check_float("scale", scale),
+        lines=lines,
+        dtype=dtype,
+        seed=check_int("seed", seed, low=0),
         max_shard_bytes=parse_size(max_shard_bytes, "max_shard_bytes"),
-        chunk_elements=check_int("chunk_elements", chunk_elements, low=1), base_given=base is not None,
+        chunk_elements=check_int("chunk_elements", chunk_elements, low=1),
+        base_given=base is not None,
     )
     plan.float_keys = [k for k in base_ck.keys() if base_ck.dtype(k).is_floating_point]
     if lines is not None:
@@ -208,7 +248,7 @@ def uniform_draws(seed: int, key: str, model: int, start: int, stop: int, numel:
         gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
         lo = b * _RNG_BLOCK
         block = torch.rand(min(_RNG_BLOCK, numel - lo), generator=gen)
-        out.append(block[max(start - lo, 0): stop - lo])
+        out.append(block[max(start - lo, 0) : stop - lo])
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -231,7 +271,9 @@ def _global_thresholds(plan: MergePlan, progress: bool) -> torch.Tensor:
     total = sum(plan.base.numel(k) for k in plan.float_keys)
     sel = TwoPassThreshold([topk_count(mp["density"], total) for mp in plan.model_params])
     for p in (1, 2):
-        for key in tqdm(plan.float_keys, desc=f"global top-k, pass {p}/2", unit="tensor", disable=not progress):
+        for key in tqdm(
+            plan.float_keys, desc=f"global top-k, pass {p}/2", unit="tensor", disable=not progress
+        ):
             for _, _, deltas in _chunks(plan, key):
                 sel.update(deltas)
         if p == 1:
@@ -247,9 +289,10 @@ def _method_kwargs(plan: MergePlan, dtype: torch.dtype) -> dict[str, Any]:
     return kwargs
 
 
-def _merged_chunks(plan: MergePlan, key: str, global_thr: torch.Tensor | None
-                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(start, base chunk, merged task-vector chunk)`` for tensor ``key`` (before scaling)."""
+def _merged_chunks(
+    plan: MergePlan, key: str, global_thr: torch.Tensor | None
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(start, base (n_c,), deltas (T, n_c), merged (n_c,))`` for tensor ``key`` (before scaling)."""
     n = plan.base.numel(key)
     kwargs = _method_kwargs(plan, compute_dtype(plan.base.dtype(key)))
     thr = None
@@ -261,17 +304,18 @@ def _merged_chunks(plan: MergePlan, key: str, global_thr: torch.Tensor | None
     for start, base, deltas in _chunks(plan, key):
         if "thresholds" in plan.method.inputs:
             if thr is None:  # the whole tensor is this chunk
-                from .topk import kth_largest_abs
-
-                chunk_thr = kth_largest_abs(deltas, [topk_count(mp["density"], n) for mp in plan.model_params])
+                chunk_thr = kth_largest_abs(
+                    deltas, [topk_count(mp["density"], n) for mp in plan.model_params]
+                )
             else:
                 chunk_thr = thr
             kwargs["thresholds"] = chunk_thr
         if "uniform" in plan.method.inputs:
             stop = start + deltas.shape[1]
             kwargs["uniform"] = torch.stack(
-                [uniform_draws(plan.seed, key, t, start, stop, n) for t in range(len(plan.models))])  # (T, n_c)
-        yield start, base, plan.method.fn(deltas, **kwargs)
+                [uniform_draws(plan.seed, key, t, start, stop, n) for t in range(len(plan.models))]
+            )  # (T, n_c)
+        yield start, base, deltas, plan.method.fn(deltas, **kwargs)
 
 
 def _auto_alpha(plan: MergePlan, global_thr: torch.Tensor | None, progress: bool) -> float:
@@ -280,17 +324,25 @@ def _auto_alpha(plan: MergePlan, global_thr: torch.Tensor | None, progress: bool
 
     sum_l1 = merged_l1 = 0.0
     for key in tqdm(plan.float_keys, desc="LiNeS alpha pass", unit="tensor", disable=not progress):
-        for (_, _, deltas), (_, _, merged) in zip(_chunks(plan, key), _merged_chunks(plan, key, global_thr)):
+        for _, _, deltas, merged in _merged_chunks(plan, key, global_thr):
             sum_l1 += float(deltas.sum(dim=0).abs().double().sum())
             merged_l1 += float(merged.abs().double().sum())
     if merged_l1 == 0:
-        raise ValueError("LiNeS: the merged task vector is zero, alpha = ||sum tau||_1 / ||tau_merged||_1 undefined")
+        raise ValueError(
+            "LiNeS: the merged task vector is zero, alpha = ||sum tau||_1 / ||tau_merged||_1 undefined"
+        )
     return sum_l1 / merged_l1 / len(plan.models)
 
 
-def execute_plan(plan: MergePlan, out: str | os.PathLike | None = None, *, progress: bool = False,
-                 copy_files: bool = True, record: Mapping[str, Any] | None = None) -> MergeResult:
-    """Run a plan: write sharded safetensors into ``out`` atomically, or return the tensors if ``out`` is None.
+def execute_plan(
+    plan: MergePlan,
+    out: str | os.PathLike | None = None,
+    *,
+    progress: bool = False,
+    copy_files: bool = True,
+    record: Mapping[str, Any] | None = None,
+) -> MergeResult:
+    """Run a plan: write sharded safetensors into ``out`` atomically, or return the tensors (``out=None``).
 
     With ``out``, non-weight files of a base model folder (config, tokenizer…) are copied along when
     ``copy_files``, and ``layerwise_merge.json`` records the plan, the parameters and the LiNeS table.
@@ -309,34 +361,45 @@ def execute_plan(plan: MergePlan, out: str | os.PathLike | None = None, *, progr
         table = lines_table(plan.lines_layout, plan.lines_alpha, plan.lines_beta)
 
     def produce(sink):
-        for key in tqdm(plan.base.keys(), desc=f"merging ({plan.method.name})", unit="tensor",
-                        disable=not progress):
+        for key in tqdm(
+            plan.base.keys(), desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress
+        ):
             dt = plan.out_dtype(key)
-            if key not in scales and not plan.base.dtype(key).is_floating_point:
+            if not plan.base.dtype(key).is_floating_point:
                 sink(key, plan.base.read(key).to(dt), 0)
                 continue
             factor = plan.scale * scales.get(key, 1.0)
-            for start, base, merged in _merged_chunks(plan, key, global_thr):
+            for start, base, _, merged in _merged_chunks(plan, key, global_thr):
                 merged.mul_(factor).add_(base)
                 sink(key, merged.to(dt), start)
 
-    info = {"method": plan.method.name, "params": plan.params, "model_params": plan.model_params,
-            "models": [m.source for m in plan.models], "base_model": plan.base.source, "scale": plan.scale,
-            "seed": plan.seed, "lines_alpha": plan.lines_alpha, "lines_beta": plan.lines_beta,
-            "lines_table": table, **dict(record or {})}
+    info = {
+        "method": plan.method.name,
+        "params": plan.params,
+        "model_params": plan.model_params,
+        "models": [m.source for m in plan.models],
+        "base_model": plan.base.source,
+        "scale": plan.scale,
+        "seed": plan.seed,
+        "lines_alpha": plan.lines_alpha,
+        "lines_beta": plan.lines_beta,
+        "lines_table": table,
+        **dict(record or {}),
+    }
     if out is None:
         tensors = {k: torch.empty(plan.base.shape(k), dtype=plan.out_dtype(k)) for k in plan.base.keys()}
 
         def to_memory(key, chunk, start):
-            tensors[key].view(-1)[start: start + chunk.numel()] = chunk
+            tensors[key].view(-1)[start : start + chunk.numel()] = chunk
 
         produce(to_memory)
         return MergeResult(None, tensors, plan.lines_alpha, plan.lines_beta, table, info)
     out = Path(out)
     specs = [(k, plan.base.shape(k), plan.out_dtype(k)) for k in plan.base.keys()]
     with atomic_directory(out) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, specs, plan.max_shard_bytes,
-                                          metadata={"format": "pt", "merged_by": "layerwise"})
+        writer = ShardedSafetensorsWriter(
+            tmp, specs, plan.max_shard_bytes, metadata={"format": "pt", "merged_by": "layerwise"}
+        )
         produce(writer.write)
         writer.close()
         if copy_files:
@@ -350,13 +413,26 @@ def _copy_side_files(src: Path, dst: Path) -> None:
     if not src.is_dir():
         return
     for f in sorted(src.iterdir()):
-        if (f.is_file() and f.suffix not in WEIGHT_SUFFIXES and not f.name.endswith(".index.json")
-                and f.name != SAFETENSORS_INDEX and f.stat().st_size < 100 * 10**6 and not (dst / f.name).exists()):
+        if (
+            f.is_file()
+            and f.suffix not in WEIGHT_SUFFIXES
+            and not f.name.endswith(".index.json")
+            and f.name != SAFETENSORS_INDEX
+            and f.stat().st_size < 100 * 10**6
+            and not (dst / f.name).exists()
+        ):
             shutil.copy2(f, dst / f.name)
 
 
-def merge_models(method: str, models: Sequence[Any], base: Any = None, *, out: str | os.PathLike | None = None,
-                 progress: bool = False, **kwargs: Any) -> MergeResult:
+def merge_models(
+    method: str,
+    models: Sequence[Any],
+    base: Any = None,
+    *,
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+    **kwargs: Any,
+) -> MergeResult:
     """Plan and run a merge in one call (keyword arguments as in :func:`plan_merge`).
 
     Example

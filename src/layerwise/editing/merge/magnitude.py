@@ -13,10 +13,14 @@ from .registry import register_merge_method
 
 
 @register_merge_method(
-    "magnitude_prune", params=[WEIGHT, DENSITY, TOPK], inputs=("thresholds",),
+    "magnitude_prune",
+    params=[WEIGHT, DENSITY, TOPK],
+    inputs=("thresholds",),
     reference="https://arxiv.org/abs/2306.01708",
-    description="keep the top-density magnitudes of each task vector, then weighted sum")
-def magnitude_prune(deltas: torch.Tensor, *, weight: torch.Tensor, density: torch.Tensor, topk: str,
-                    thresholds: torch.Tensor) -> torch.Tensor:
+    description="keep the top-density magnitudes of each task vector, then weighted sum",
+)
+def magnitude_prune(
+    deltas: torch.Tensor, *, weight: torch.Tensor, density: torch.Tensor, topk: str, thresholds: torch.Tensor
+) -> torch.Tensor:
     """``deltas`` (T, n) -> ``sum_t w_t delta_t 1[|delta_t| >= thresholds_t]`` (n,)."""
     return weight @ keep_topk(deltas, thresholds)

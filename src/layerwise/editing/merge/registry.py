@@ -64,16 +64,23 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{label} must be a number, got {type(value).__name__} {value!r}")
         value = float(value)
-        if value != value or (self.low is not None and value < self.low) or (
-                self.high is not None and value > self.high):
+        if (
+            value != value
+            or (self.low is not None and value < self.low)
+            or (self.high is not None and value > self.high)
+        ):
             lo = "-inf" if self.low is None else self.low
             hi = "inf" if self.high is None else self.high
             raise ValueError(f"{label} must be in [{lo}, {hi}], got {value}")
         return value
 
     def describe(self) -> str:
-        rng = (f"one of {list(self.choices)}" if self.choices is not None
-               else f"in [{'-inf' if self.low is None else self.low}, {'inf' if self.high is None else self.high}]")
+        rng = (
+            f"one of {list(self.choices)}"
+            if self.choices is not None
+            else f"in [{'-inf' if self.low is None else self.low}, "
+            f"{'inf' if self.high is None else self.high}]"
+        )
         default = "required" if self.default is REQUIRED else f"default {self.default!r}"
         scope = "per model" if self.per_model else "global"
         return f"{self.name} ({scope}, {rng}, {default}): {self.doc}"
@@ -95,8 +102,9 @@ class MergeMethod:
     def __post_init__(self) -> None:
         object.__setattr__(self, "param_index", {p.name: p for p in self.params})
 
-    def resolve(self, params: Mapping[str, Any] | None, model_params: Sequence[Mapping[str, Any]]
-                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def resolve(
+        self, params: Mapping[str, Any] | None, model_params: Sequence[Mapping[str, Any]]
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Fill defaults and validate: ``(global values, [per-model values])``.
 
         A per-model parameter may be set globally (applies to every model) and overridden per model.
@@ -104,8 +112,10 @@ class MergeMethod:
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.param_index))
         if unknown:
-            raise ValueError(f"unknown parameter(s) {unknown} for merge method {self.name!r}; "
-                             f"valid: {sorted(self.param_index)}")
+            raise ValueError(
+                f"unknown parameter(s) {unknown} for merge method {self.name!r}; "
+                f"valid: {sorted(self.param_index)}"
+            )
         glob: dict[str, Any] = {}
         for p in self.params:
             value = params.get(p.name, p.default)
@@ -118,14 +128,18 @@ class MergeMethod:
             bad = sorted(k for k in mp if k not in self.param_index or not self.param_index[k].per_model)
             if bad:
                 valid = sorted(p.name for p in self.params if p.per_model)
-                raise ValueError(f"models[{i}].parameters: unknown or not per-model {bad} for merge method "
-                                 f"{self.name!r}; per-model parameters: {valid}")
+                raise ValueError(
+                    f"models[{i}].parameters: unknown or not per-model {bad} for merge method "
+                    f"{self.name!r}; per-model parameters: {valid}"
+                )
             values = {}
             for p in self.params:
                 if p.per_model:
                     value = mp.get(p.name, glob[p.name])
                     if value is REQUIRED:
-                        raise ValueError(f"models[{i}].parameters.{p.name} is required by {self.name!r}: {p.doc}")
+                        raise ValueError(
+                            f"models[{i}].parameters.{p.name} is required by {self.name!r}: {p.doc}"
+                        )
                     values[p.name] = p.check(value, f"models[{i}].parameters.")
             per_model.append(values)
         return {k: v for k, v in glob.items() if not self.param_index[k].per_model}, per_model
@@ -134,9 +148,15 @@ class MergeMethod:
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
 
 
-def register_merge_method(name: str, *, params: Sequence[Param] = (), inputs: Sequence[str] = (),
-                          reference: str = "", description: str = "", needs_base: bool = True
-                          ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_merge_method(
+    name: str,
+    *,
+    params: Sequence[Param] = (),
+    inputs: Sequence[str] = (),
+    reference: str = "",
+    description: str = "",
+    needs_base: bool = True,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn(deltas, **params) -> merged`` as merge method ``name``.
 
     Parameters
@@ -151,9 +171,18 @@ def register_merge_method(name: str, *, params: Sequence[Param] = (), inputs: Se
         raise ValueError(f"inputs must be among {list(_INPUTS)}, got {bad}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        MERGE_METHODS.register(name, MergeMethod(name=name, fn=fn, params=tuple(params), inputs=tuple(inputs),
-                                                 reference=reference, description=description,
-                                                 needs_base=needs_base))
+        MERGE_METHODS.register(
+            name,
+            MergeMethod(
+                name=name,
+                fn=fn,
+                params=tuple(params),
+                inputs=tuple(inputs),
+                reference=reference,
+                description=description,
+                needs_base=needs_base,
+            ),
+        )
         return fn
 
     return deco

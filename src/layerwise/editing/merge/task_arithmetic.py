@@ -9,8 +9,11 @@ from .registry import register_merge_method
 
 
 @register_merge_method(
-    "task_arithmetic", params=[WEIGHT], reference="https://arxiv.org/abs/2212.04089",
-    description="weighted sum of task vectors: theta_0 + scale * sum_t w_t tau_t")
+    "task_arithmetic",
+    params=[WEIGHT],
+    reference="https://arxiv.org/abs/2212.04089",
+    description="weighted sum of task vectors: theta_0 + scale * sum_t w_t tau_t",
+)
 def task_arithmetic(deltas: torch.Tensor, *, weight: torch.Tensor) -> torch.Tensor:
     """``deltas`` (T, n), ``weight`` (T,) -> ``sum_t weight[t] * deltas[t]`` (n,)."""
     return weight @ deltas

@@ -16,11 +16,25 @@ from .registry import Param, register_merge_method
 
 
 @register_merge_method(
-    "ties", params=[WEIGHT, DENSITY, TOPK,
-                    Param("normalize", True, choices=(True, False), doc="divide by the agreeing weights")],
-    inputs=("thresholds",), reference="https://arxiv.org/abs/2306.01708",
-    description="TIES: top-k trim, sign election, disjoint mean")
-def ties(deltas: torch.Tensor, *, weight: torch.Tensor, density: torch.Tensor, topk: str, normalize: bool,
-         thresholds: torch.Tensor) -> torch.Tensor:
+    "ties",
+    params=[
+        WEIGHT,
+        DENSITY,
+        TOPK,
+        Param("normalize", True, choices=(True, False), doc="divide by the agreeing weights"),
+    ],
+    inputs=("thresholds",),
+    reference="https://arxiv.org/abs/2306.01708",
+    description="TIES: top-k trim, sign election, disjoint mean",
+)
+def ties(
+    deltas: torch.Tensor,
+    *,
+    weight: torch.Tensor,
+    density: torch.Tensor,
+    topk: str,
+    normalize: bool,
+    thresholds: torch.Tensor,
+) -> torch.Tensor:
     """``deltas`` (T, n), ``thresholds`` (T,) -> TIES-merged task vector (n,)."""
     return disjoint_mean(keep_topk(deltas, thresholds), weight, normalize)

@@ -26,24 +26,22 @@ _HI, _LO = 1 << 15, 1 << 16
 
 
 def topk_count(density: float, numel: int) -> int:
-    """Number of entries kept for a density: ``int(density * numel)`` (mergekit's convention)."""
-    return int(density * numel)
+    """Entries kept for a density: ``max(1, int(density * numel))``, 0 if ``density <= 0`` or nothing to keep.
+
+    The convention of mergekit's ``magnitude``: a positive density keeps at least one entry.
+    """
+    if density <= 0 or numel == 0:
+        return 0
+    return min(numel, max(1, int(density * numel)))
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    """int64 view of the float32 bit patterns of ``|x|`` (same shape)."""
-    return x.abs().to(torch.float32).view(torch.int32).to(torch.int64)
-
-
-def _row_bincount(idx: torch.Tensor, size: int) -> torch.Tensor:
-    """Counts of ``idx`` (T, n) values in [0, size) per row -> (T, size) int64."""
-    rows = idx.shape[0]
-    offsets = torch.arange(rows, dtype=torch.int64)[:, None] * size  # (T, 1)
-    return torch.bincount((idx + offsets).reshape(-1), minlength=rows * size).reshape(rows, size)
+def _bits(row: torch.Tensor) -> torch.Tensor:
+    """int32 view of the float32 bit patterns of ``|row|`` (same shape)."""
+    return row.abs().to(torch.float32).view(torch.int32)
 
 
 class TwoPassThreshold:
-    """Accumulate chunks ``(T, n_c)`` twice; :meth:`result` gives the k_t-th largest ``|x_t|`` (float32, (T,)).
+    """Accumulate chunks ``(T, n_c)`` twice; :meth:`result`: the k_t-th largest ``|x_t|`` (float32, (T,)).
 
     ``k_t <= 0`` gives ``+inf`` (keep nothing); ``k_t`` larger than the number of elements gives 0 (keep all).
     Call :meth:`update` on every chunk, :meth:`next_pass`, :meth:`update` on the same chunks again, then
@@ -56,13 +54,13 @@ class TwoPassThreshold:
         self.pass_ = 1
 
     def update(self, x: torch.Tensor) -> None:
-        bits = _bits(x)  # (T, n_c)
-        if self.pass_ == 1:
-            self.hist += _row_bincount(bits >> 16, _HI)
-        else:
-            in_bin = (bits >> 16) == self.bins[:, None]  # (T, n_c)
-            low = torch.where(in_bin, bits & (_LO - 1), _LO)  # out-of-bin values go to an overflow slot
-            self.low_hist += _row_bincount(low, _LO + 1)[:, :_LO]
+        for t in range(x.shape[0]):  # row by row: temporaries of one row only
+            bits = _bits(x[t])  # (n_c,)
+            if self.pass_ == 1:
+                self.hist[t] += torch.bincount(bits >> 16, minlength=_HI)
+            else:
+                low = bits[(bits >> 16) == self.bins[t]] & (_LO - 1)
+                self.low_hist[t] += torch.bincount(low, minlength=_LO)
 
     def next_pass(self) -> None:
         # count of elements in bins >= b, for each b: reverse cumulative sum
@@ -71,7 +69,9 @@ class TwoPassThreshold:
         k = self.ks.clamp(min=1)
         # the bin of the k-th largest is the highest b with at_or_above[b] >= k
         self.bins = (at_or_above >= k[:, None]).sum(1) - 1  # (T,)
-        above = torch.where(self.bins + 1 < _HI, at_or_above.gather(1, (self.bins + 1).clamp(max=_HI - 1)[:, None])[:, 0], 0)
+        above = torch.where(
+            self.bins + 1 < _HI, at_or_above.gather(1, (self.bins + 1).clamp(max=_HI - 1)[:, None])[:, 0], 0
+        )
         self.rank = k - above  # 1-based rank of the target inside its bin
         self.low_hist = torch.zeros(len(self.ks), _LO, dtype=torch.int64)
         self.pass_ = 2
@@ -87,9 +87,18 @@ class TwoPassThreshold:
 
 
 def kth_largest_abs(x: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    """The ``ks[t]``-th largest ``|x[t]|`` of each row of ``x`` (T, n), exactly, as float32 (T,)."""
-    sel = TwoPassThreshold(ks)
-    sel.update(x)
-    sel.next_pass()
-    sel.update(x)
-    return sel.result()
+    """The ``ks[t]``-th largest ``|x[t]|`` of each row of ``x`` (T, n), exactly, as float32 (T,).
+
+    In memory, so a selection (``torch.kthvalue``) rather than the two histogram passes; same conventions
+    (``k <= 0``: inf, ``k > n``: 0) and the same value as :class:`TwoPassThreshold`.
+    """
+    n = x.shape[1]
+    out = torch.empty(x.shape[0], dtype=torch.float32)
+    for t, k in enumerate(ks):
+        if k <= 0:
+            out[t] = float("inf")
+        elif k > n:
+            out[t] = 0.0
+        else:
+            out[t] = torch.kthvalue(x[t].abs().to(torch.float32), n - int(k) + 1).values
+    return out

@@ -1,0 +1,356 @@
+"""Benchmark ``layerwise`` merging against a naive load-everything merge and mergekit, on large checkpoints.
+
+Builds a base and 4 fine-tuned checkpoints shaped like a Llama transformer (float32, >= 500 MB each;
+default: d=1024, 8 layers, vocab 32000 -> 673 MB, largest tensor 131 MB) in a temporary folder, then runs
+each job in its own child process and reports wall time and peak RSS (``ru_maxrss`` of that child from
+``os.wait4``, plus the child's own RSS right after its imports):
+
+- task_arithmetic: layerwise (streaming) / naive (load all, dense) / mergekit-yaml
+- ties (density 0.2, per tensor): layerwise / mergekit-yaml
+- ties + LiNeS (alpha automatic, beta 0.5): layerwise / naive
+
+and compares the outputs (max |difference|). mergekit is installed on first use into a separate venv
+(default ``~/.cache/layerwise/venv-mergekit``; torch pinned from constraints.txt so that no CUDA build is
+pulled); if that fails the mergekit rows are skipped with a message.
+
+Targets (issue 4): peak RSS <= RSS after imports + 3 x the largest tensor; wall time <= mergekit's; outputs
+equal to mergekit's task_arithmetic to 1e-6.
+
+Usage: ``python benchmarks/bench_merge.py [--layers 8] [--no-mergekit] [--workdir DIR] [--keep]``
+(about 10 minutes on a shared 2-core machine; needs ~8 GB of disk and ~5 GB of RAM for the naive baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = 4
+
+
+# -- jobs run in a child process -----------------------------------------------------------------------------
+def _rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _child(job: str, work: Path) -> None:
+    import torch
+
+    import layerwise.editing  # noqa: F401  (part of the import baseline)
+
+    after_imports = _rss_mb()
+    start = time.perf_counter()
+    base = work / "base"
+    fts = [work / f"ft{i}" for i in range(MODELS)]
+    out = work / f"out_{job}"
+    if job.startswith("layerwise"):
+        from layerwise.editing import LinesSpec, merge_models
+
+        method = "task_arithmetic" if job == "layerwise_ta" else "ties"
+        lines = LinesSpec(beta=0.5) if job == "layerwise_ties_lines" else None
+        params = {} if method == "task_arithmetic" else {"density": 0.2}
+        merge_models(method, fts, base, params=params, lines=lines, out=out, max_shard_bytes="2GB")
+    elif job.startswith("naive"):
+        _naive(job, base, fts, out, torch)
+    else:
+        raise ValueError(job)
+    print(json.dumps({"wall_s": time.perf_counter() - start, "rss_after_imports_mb": after_imports}))
+
+
+def _naive(job: str, base_dir: Path, ft_dirs: list[Path], out: Path, torch) -> None:
+    """Load every checkpoint fully into memory and merge with dense formulas (what a short script does)."""
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(str(base_dir / "model.safetensors"))
+    fts = [load_file(str(d / "model.safetensors")) for d in ft_dirs]
+    if job == "naive_ta":
+        merged = {k: base[k] + sum(ft[k] - base[k] for ft in fts) for k in base}
+    else:  # ties (per tensor, density 0.2) + LiNeS with automatic alpha
+        from layerwise.editing.lines import lines_scales
+
+        mt, sum_l1 = {}, 0.0
+        for k in base:
+            taus = [ft[k] - base[k] for ft in fts]
+            sum_l1 += float(sum(taus).abs().sum())
+            trimmed = []
+            for t in taus:
+                flat = t.reshape(-1)
+                kk = max(1, int(0.2 * flat.numel()))
+                thr = flat.abs().kthvalue(flat.numel() - kk + 1).values
+                trimmed.append(torch.where(t.abs() >= thr, t, 0))
+            st = torch.stack(trimmed)
+            elected = torch.sign(st.sum(0))
+            agree = (torch.sign(st) == elected) & (st != 0)
+            mt[k] = (st * agree).sum(0) / agree.sum(0).clamp(min=1)
+        alpha = sum_l1 / (sum(float(v.abs().sum()) for v in mt.values()) * len(fts))
+        scales = lines_scales(list(base), alpha, 0.5)
+        merged = {k: base[k] + scales[k] * mt[k] for k in base}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+# -- orchestration ------------------------------------------------------------------------------------
+def _measured(cmd: list[str]) -> dict:
+    """Run ``cmd`` under a tiny wrapper that reports the child's peak RSS (ru_maxrss of that child alone)."""
+    wrapper = (
+        "import json,os,resource,subprocess,sys,time\n"
+        "t=time.perf_counter();p=subprocess.Popen(sys.argv[1:]);_,s,ru=os.wait4(p.pid,0)\n"
+        "print(json.dumps({'peak_rss_mb':ru.ru_maxrss/1024,'wall_s_outer':time.perf_counter()-t,"
+        "'rc':os.waitstatus_to_exitcode(s)}),file=sys.stderr)"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    meas = json.loads(proc.stderr.strip().splitlines()[-1])
+    if meas["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])}… failed ({meas['rc']}):\n{proc.stderr[-3000:]}")
+    info = {"peak_rss_mb": meas["peak_rss_mb"], "wall_s": time.perf_counter() - start}
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            info.update(json.loads(line))
+            break
+    return info
+
+
+def build_checkpoints(work: Path, layers: int, hidden: int, inter: int, vocab: int) -> tuple[int, int]:
+    """Write base + MODELS fine-tuned Llama-shaped float32 checkpoints; return (bytes each, largest)."""
+    import torch
+
+    from layerwise.editing.checkpoints import ShardedSafetensorsWriter
+
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)}
+        )
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[p + f"self_attn.{n}.weight"] = (hidden, hidden)
+        shapes.update(
+            {
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
+        )
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    for m, name in enumerate(["base"] + [f"ft{i}" for i in range(MODELS)]):
+        folder = work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config))
+        writer = ShardedSafetensorsWriter(folder, [(k, s, torch.float32) for k, s in shapes.items()], 10**12)
+        for j, (k, s) in enumerate(shapes.items()):
+            g = torch.Generator().manual_seed(j)  # same base tensor in every model
+            t = torch.randn(s, generator=g) * 0.02
+            if m > 0:
+                g2 = torch.Generator().manual_seed(1000 * m + j)
+                t += torch.randn(s, generator=g2) * 0.002
+            writer.write(k, t)
+            del t
+        writer.close()
+    numels = [torch.Size(s).numel() for s in shapes.values()]
+    return 4 * sum(numels), 4 * max(numels)
+
+
+def ensure_mergekit(venv: Path) -> Path | None:
+    exe = venv / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return exe
+    print(f"[bench] installing mergekit into {venv} (torch pinned by constraints.txt)…", flush=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=1800)
+        subprocess.run([*pip, "-c", str(REPO / "constraints.txt"), "mergekit"], check=True, timeout=1800)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as err:
+        print(f"[bench] mergekit unavailable, skipping its rows ({err})")
+        return None
+    return exe if exe.exists() else None
+
+
+def run_mergekit(exe: Path, work: Path, method: str) -> dict:
+    import yaml
+
+    models = [
+        {
+            "model": str(work / f"ft{i}"),
+            "parameters": {"weight": 1.0, **({"density": 0.2} if method == "ties" else {})},
+        }
+        for i in range(MODELS)
+    ]
+    cfg = {
+        "merge_method": method,
+        "base_model": str(work / "base"),
+        "models": models,
+        "dtype": "float32",
+        "out_dtype": "float32",
+    }
+    path = work / f"mergekit_{method}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = work / f"out_mergekit_{method}"
+    info = _measured(
+        [
+            str(exe),
+            str(path),
+            str(out),
+            "--no-copy-tokenizer",
+            "--out-shard-size",
+            "2B",
+            "--lazy-unpickle",
+            "--quiet",
+        ]
+    )
+    probe = _measured(
+        [
+            str(exe.parent / "python"),
+            "-c",
+            "import json,torch,mergekit.merge;"
+            "print(json.dumps({'rss':[int(l.split()[1]) for l in open('/proc/self/status') "
+            "if l.startswith('VmRSS')][0]/1024}))",
+        ]
+    )
+    info["rss_after_imports_mb"] = probe.get("rss")
+    return info
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    from layerwise.editing import open_checkpoint
+
+    worst = 0.0
+    with open_checkpoint(a) as x, open_checkpoint(b) as y:
+        if set(x.keys()) != set(y.keys()):
+            raise ValueError(f"{a} and {b} hold different tensors")
+        for k in x.keys():
+            worst = max(worst, float((x.get(k).double() - y.get(k).double()).abs().max()))
+    return worst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument(
+        "--workdir", type=Path, default=None, help="where checkpoints go (default: a temp folder)"
+    )
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--mergekit-venv", type=Path, default=Path.home() / ".cache/layerwise/venv-mergekit")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _child(args.child, args.workdir)
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="bench_merge_")) if args.workdir is None else args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        size, largest = build_checkpoints(work, args.layers, args.hidden, args.intermediate, args.vocab)
+        print(
+            f"[bench] {MODELS + 1} checkpoints of {size / 1e6:.0f} MB (largest tensor {largest / 1e6:.0f} MB)"
+            " "
+            f"built in {time.perf_counter() - t0:.0f} s in {work}",
+            flush=True,
+        )
+        me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(work), "--child"]
+        results: dict[str, dict] = {}
+        jobs = ["layerwise_ta", "naive_ta", "layerwise_ties", "layerwise_ties_lines", "naive_ties_lines"]
+        for job in jobs:
+            results[job] = _measured([*me, job])
+            print(
+                f"[bench] {job}: {results[job]['wall_s']:.1f} s, "
+                f"peak RSS {results[job]['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+        exe = None if args.no_mergekit else ensure_mergekit(args.mergekit_venv)
+        if exe is not None:
+            for method in ("task_arithmetic", "ties"):
+                try:
+                    results[f"mergekit_{method}"] = run_mergekit(exe, work, method)
+                    r = results[f"mergekit_{method}"]
+                    print(
+                        f"[bench] mergekit {method}: {r['wall_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB",
+                        flush=True,
+                    )
+                except RuntimeError as err:
+                    print(f"[bench] mergekit {method} failed: {err}")
+        diffs = {
+            "layerwise_ta vs naive_ta": (work / "out_layerwise_ta", work / "out_naive_ta"),
+            "layerwise_ties_lines vs naive_ties_lines": (
+                work / "out_layerwise_ties_lines",
+                work / "out_naive_ties_lines",
+            ),
+        }
+        if "mergekit_task_arithmetic" in results:
+            diffs["layerwise_ta vs mergekit"] = (
+                work / "out_layerwise_ta",
+                work / "out_mergekit_task_arithmetic",
+            )
+        if "mergekit_ties" in results:
+            diffs["layerwise_ties vs mergekit"] = (work / "out_layerwise_ties", work / "out_mergekit_ties")
+        report(results, {name: max_abs_diff(a, b) for name, (a, b) in diffs.items()}, size, largest)
+    finally:
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(results: dict, diffs: dict, size: int, largest: int) -> None:
+    print(
+        f"\n== merge benchmark: {MODELS} fine-tuned + base, {size / 1e6:.0f} MB each, largest tensor "
+        f"{largest / 1e6:.0f} MB (3x = {3 * largest / 1e6:.0f} MB)"
+    )
+    print(f"{'job':<26}{'wall s':>9}{'peak RSS MB':>13}{'after imports':>15}{'peak - imports':>16}")
+    for job, r in results.items():
+        base = r.get("rss_after_imports_mb")
+        extra = "" if base is None else f"{r['peak_rss_mb'] - base:>16.0f}"
+        base_s = "n/a" if base is None else f"{base:.0f}"
+        print(f"{job:<26}{r['wall_s']:>9.1f}{r['peak_rss_mb']:>13.0f}{base_s:>15}{extra}")
+    print()
+    for ours, other in [
+        ("layerwise_ta", "naive_ta"),
+        ("layerwise_ties_lines", "naive_ties_lines"),
+        ("layerwise_ta", "mergekit_task_arithmetic"),
+        ("layerwise_ties", "mergekit_ties"),
+    ]:
+        if ours in results and other in results:
+            a, b = results[ours], results[other]
+            print(
+                f"{ours} / {other}: time x{a['wall_s'] / b['wall_s']:.2f}, "
+                f"peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}"
+            )
+    for job in ("layerwise_ta", "layerwise_ties", "layerwise_ties_lines"):
+        r = results[job]
+        ok = r["peak_rss_mb"] - r["rss_after_imports_mb"] <= 3 * largest / 2**20
+        print(f"target peak RSS <= imports + 3 x largest tensor, {job}: {'met' if ok else 'NOT met'}")
+    for name, d in diffs.items():
+        print(f"max |difference| {name}: {d:.3g}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

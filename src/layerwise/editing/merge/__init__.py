@@ -1,0 +1,41 @@
+"""Merge methods (a registry of plain per-chunk functions) and the streaming driver that applies them.
+
+>>> from layerwise.editing.merge import MERGE_METHODS
+>>> sorted(MERGE_METHODS.names())
+['average', 'consensus', 'dare', 'magnitude_prune', 'tall_masks', 'task_arithmetic', 'ties']
+"""
+
+from .registry import MERGE_METHODS, REQUIRED, MergeMethod, Param, register_merge_method
+
+# Importing a method module registers it.
+from . import average, consensus, dare, magnitude, task_arithmetic, ties  # noqa: E402,F401  isort: skip
+from .driver import (  # noqa: E402
+    DTYPE_CHOICES,
+    LinesSpec,
+    MergePlan,
+    MergeResult,
+    execute_plan,
+    merge_models,
+    plan_merge,
+    uniform_draws,
+)
+from .topk import TwoPassThreshold, kth_largest_abs, topk_count  # noqa: E402
+
+__all__ = [
+    "MERGE_METHODS",
+    "REQUIRED",
+    "MergeMethod",
+    "Param",
+    "register_merge_method",
+    "DTYPE_CHOICES",
+    "LinesSpec",
+    "MergePlan",
+    "MergeResult",
+    "execute_plan",
+    "merge_models",
+    "plan_merge",
+    "uniform_draws",
+    "TwoPassThreshold",
+    "kth_largest_abs",
+    "topk_count",
+]

@@ -1,0 +1,250 @@
+"""m3id: does M3ID (and M3ID + DPO) reduce object hallucination of a VLM? A CPU-scale honest benchmark.
+
+Command::
+
+    layerwise reproduce m3id --scale quick --out results    # ~3-4 min on a 2-core laptop (3 seeds)
+
+For each seed, a tiny Llava (:mod:`layerwise.decoding.toy_vlm`) is trained from scratch on synthetic scenes
+whose captions carry a co-occurrence bias (``fork -> cup``, ``bus -> car``, ``kite -> bird``; the second
+object of each pair is drawn at low contrast), with 20% image dropout so that the image-free branch is a
+real language prior. On test scenes where the bias is broken we measure
+
+* captioning: CHAIR_i, CHAIR_s, Cover and length (``layerwise.decoding.chair``);
+* POPE-style yes/no questions, one present object and one absent object per scene (adversarial: the absent
+  object is the co-occurring partner when there is one): accuracy, F1, yes-ratio;
+
+for greedy decoding, M3ID with the paper's defaults (lambda 0.02, alpha 0.3), a lambda sweep at ``alpha =
+sweep_alpha`` (the gate of the paper rarely opens on a toy model whose distributions are confident), and
+M3ID + DPO: preference pairs built without labels on fresh training-distribution images (chosen: M3ID with
+``dpo_lambda``/``dpo_alpha``; rejected: first word of the greedy caption continued by the image-free model),
+trained with TRL's DPOTrainer, then decoded greedily. Every number is a mean and a standard deviation over
+seeds, whatever it shows.
+
+Paper (Favero et al., CVPR 2024): on LLaVA 13B, M3ID cuts hallucinated objects by 25% and M3ID + DPO by 28%
+in captioning; POPE accuracy +21% / +24%. A third-party LLaVA-1.5 run: CHAIR_s/CHAIR_i 26.2/9.4 -> 21.4/6.3.
+On this toy with short captions (t <= 6 tokens) the paper's lambda = 0.02 gives weights below 0.13, so
+the default setting changes almost nothing; larger lambda trades hallucination against Cover.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .._io import save_figure, write_csv, write_json
+from ._base import EXPERIMENTS, Experiment
+
+__all__ = ["Config", "run"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes of the m3id study (see the module docstring)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_train_scenes: int = 3000  # labelled captioning / yes-no training scenes
+    train_steps: int = 400  # AdamW steps of batch_size examples
+    batch_size: int = 64
+    image_dropout: float = 0.2  # fraction of training examples seen without the image
+    hidden: int = 64  # text width of the toy Llava
+    n_test_scenes: int = 200  # bias-broken test scenes (captioning and POPE)
+    max_new_tokens: int = 6
+    default_lambda: float = 0.02  # the paper's settings
+    default_alpha: float = 0.3
+    pope_t0: float = 5.0  # question length in tokens: t0 for VQA
+    lambdas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # the sweep, at alpha = sweep_alpha
+    sweep_alpha: float = 1.0
+    n_dpo_images: int = 256  # unlabelled images for M3ID + DPO
+    dpo_lambda: float = 0.3
+    dpo_alpha: float = 1.0
+    dpo_epochs: float = 2.0
+    dpo_lr: float = 5e-5
+    dpo_beta: float = 0.1
+
+
+def _pope_items(spec: Any, scenes: list[Any], seed: int) -> tuple[list[int], list[str], list[bool]]:
+    """One question about a present object and one about an absent object (adversarial if possible)."""
+    from ..decoding.toy_vlm import pope_question
+
+    rng = random.Random(seed)
+    idx, questions, labels = [], [], []
+    for i, scene in enumerate(scenes):
+        idx.append(i)
+        questions.append(pope_question(rng.choice(scene.objects)))
+        labels.append(True)
+        absent = [b for a, b in spec.pairs if a in scene.objects and b not in scene.objects]
+        absent = absent or [o for o in spec.objects if o not in scene.objects]
+        idx.append(i)
+        questions.append(pope_question(rng.choice(absent)))
+        labels.append(False)
+    return idx, questions, labels
+
+
+def _evaluate(model: Any, proc: Any, spec: Any, images: list[Any], scenes: list[Any], pope: tuple, *,
+              lambda_: float | None, alpha: float, t0_pope: float, max_new_tokens: int) -> dict[str, float]:
+    """Captioning CHAIR metrics and POPE metrics for one decoding method (lambda_=None: greedy)."""
+    from ..decoding import chair, m3id_generate, pope_metrics
+    from ..decoding.toy_vlm import caption_prompt
+
+    synonyms = {o: [o + "s"] for o in spec.objects}
+
+    def decode(imgs: list[Any], prompts: list[str], t0: float, n_tokens: int) -> list[str]:
+        if lambda_ is None:
+            inputs = proc(images=imgs, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=n_tokens)
+            return proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return m3id_generate(model, proc, imgs, prompts, lambda_=lambda_, alpha=alpha, t0=t0,
+                             max_new_tokens=n_tokens, do_sample=False, path="batched")
+
+    captions = decode(images, [caption_prompt()] * len(images), 0.0, max_new_tokens)
+    metrics = chair(captions, [s.objects for s in scenes], synonyms)
+    idx, questions, labels = pope
+    answers = decode([images[i] for i in idx], questions, t0_pope, 2)
+    pm = pope_metrics(answers, labels)
+    return {
+        "chair_i": metrics["chair_i"], "chair_s": metrics["chair_s"], "cover": metrics["cover"],
+        "length": metrics["length"], "pope_accuracy": pm["accuracy"], "pope_f1": pm["f1"],
+        "pope_yes_ratio": pm["yes_ratio"], "pope_unparsed": pm["n_unparsed"] / pm["n"],
+    }
+
+
+def _one_seed(config: Config, seed: int) -> list[dict[str, Any]]:
+    import torch
+    from PIL import Image
+
+    from ..decoding.dpo import build_preference_pairs, first_words, train_dpo
+    from ..decoding.toy_vlm import (
+        SceneSpec, build_processor, build_toy_llava, caption_prompt, make_examples, render_scene,
+        sample_scenes, train_toy_vlm,
+    )
+
+    spec = SceneSpec()
+    proc = build_processor(spec)
+    model = build_toy_llava(spec, hidden=config.hidden, seed=seed)
+    base = 1000 * seed  # distinct, reproducible streams for each seed and role
+    train = sample_scenes(spec, config.n_train_scenes, seed=base + 1)
+    train_imgs = [render_scene(spec, s, seed=base * 100_000 + i) for i, s in enumerate(train)]
+    train_toy_vlm(model, proc, train_imgs, make_examples(spec, train, seed=base + 2), steps=config.train_steps,
+                  batch_size=config.batch_size, image_dropout=config.image_dropout, seed=base + 3)
+    test = sample_scenes(spec, config.n_test_scenes, test=True, seed=base + 4)
+    test_imgs = [Image.fromarray(render_scene(spec, s, seed=base * 100_000 + 50_000 + i)) for i, s in enumerate(test)]
+    pope = _pope_items(spec, test, seed=base + 5)
+    kw = {"t0_pope": config.pope_t0, "max_new_tokens": config.max_new_tokens}
+    methods: list[tuple[str, float | None, float]] = [
+        ("greedy", None, 0.0), ("m3id_default", config.default_lambda, config.default_alpha),
+    ] + [(f"m3id_lambda={lam:g}", lam, config.sweep_alpha) for lam in config.lambdas]
+    rows = []
+    for name, lam, alpha in methods:
+        with torch.no_grad():
+            m = _evaluate(model, proc, spec, test_imgs, test, pope, lambda_=lam, alpha=alpha, **kw)
+        rows.append({"seed": seed, "method": name, "lambda": lam, "alpha": alpha, **m})
+    # M3ID + DPO on unlabelled images from the training distribution (no captions used).
+    dpo_scenes = sample_scenes(spec, config.n_dpo_images, seed=base + 6)
+    dpo_imgs = [Image.fromarray(render_scene(spec, s, seed=base * 100_000 + 90_000 + i)) for i, s in enumerate(dpo_scenes)]
+    pairs = build_preference_pairs(model, proc, dpo_imgs, [caption_prompt()] * len(dpo_imgs), prefix=first_words(1),
+                                   lambda_=config.dpo_lambda, alpha=config.dpo_alpha, max_new_tokens=config.max_new_tokens)
+    history = train_dpo(model, proc, pairs, beta=config.dpo_beta, learning_rate=config.dpo_lr,
+                        epochs=config.dpo_epochs, batch_size=16, seed=seed) if pairs else []
+    with torch.no_grad():
+        m = _evaluate(model, proc, spec, test_imgs, test, pope, lambda_=None, alpha=0.0, **kw)
+    final_loss = next((h["loss"] for h in reversed(history) if "loss" in h), float("nan"))
+    rows.append({"seed": seed, "method": "m3id+dpo_greedy", "lambda": None, "alpha": None, **m,
+                 "dpo_pairs": len(pairs), "dpo_final_loss": final_loss})
+    return rows
+
+
+METRICS = ("chair_i", "chair_s", "cover", "length", "pope_accuracy", "pope_f1", "pope_yes_ratio", "pope_unparsed")
+
+
+def _aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """method -> metric -> {mean, std (over seeds, ddof=1; 0 for one seed), min, max}."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        out[method] = {}
+        for key in METRICS:
+            vals = [float(r[key]) for r in sel]
+            out[method][key] = {
+                "mean": statistics.fmean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "min": min(vals),
+                "max": max(vals),
+            }
+    return out
+
+
+def _figure(agg: dict, config: Config, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    names = list(agg)
+    for ax, keys, title in (
+        (axes[0], ("chair_s", "chair_i", "cover"), "captioning"),
+        (axes[1], ("pope_accuracy", "pope_f1", "pope_yes_ratio"), "POPE (adversarial)"),
+    ):
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            means = [agg[n][key]["mean"] for n in names]
+            stds = [agg[n][key]["std"] for n in names]
+            ax.bar([i + j * width for i in range(len(names))], means, width, yerr=stds, label=key, capsize=2)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
+        ax.set_title(f"{title}: mean ± std over {len(config.seeds)} seeds")
+        ax.legend(fontsize=7)
+    ax = axes[2]
+    lams = list(config.lambdas)
+    for key in ("chair_s", "cover"):
+        ax.errorbar(lams, [agg[f"m3id_lambda={lam:g}"][key]["mean"] for lam in lams],
+                    yerr=[agg[f"m3id_lambda={lam:g}"][key]["std"] for lam in lams], marker="o", label=key, capsize=2)
+        ax.axhline(agg["greedy"][key]["mean"], ls="--", lw=0.8, color=ax.lines[-1].get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel(f"lambda (alpha = {config.sweep_alpha:g}); dashed: greedy")
+    ax.set_title("lambda sweep")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run(config: Config, out: Path) -> dict[str, Any]:
+    """Run the study for every seed; write results.json, results.csv and m3id.png into ``out``."""
+    from ..decoding._hf import require
+
+    require("transformers", "hf")
+    require("trl", "dpo")
+    out = Path(out)
+    rows: list[dict[str, Any]] = []
+    for seed in tqdm(config.seeds, desc="m3id seeds", unit="seed"):
+        rows.extend(_one_seed(config, seed))
+    agg = _aggregate(rows)
+    write_csv(out / "results.csv", rows)
+    write_json(out / "results.json", {"per_seed": rows, "aggregate": agg})
+    _figure(agg, config, out / "m3id.png")
+    summary: dict[str, Any] = {}
+    for method in ("greedy", "m3id_default", f"m3id_lambda={config.dpo_lambda:g}", "m3id+dpo_greedy"):
+        if method in agg:
+            for key in ("chair_s", "chair_i", "cover", "pope_accuracy"):
+                summary[f"{method}:{key}"] = f"{agg[method][key]['mean']:.3f} ± {agg[method][key]['std']:.3f}"
+    return summary
+
+
+EXPERIMENTS.register(
+    "m3id",
+    Experiment(
+        name="m3id",
+        run=run,
+        scales={
+            "quick": Config(),
+            "full": Config(seeds=(0, 1, 2, 3, 4), n_train_scenes=20000, train_steps=4000, hidden=128,
+                           n_test_scenes=1000, n_dpo_images=2000),
+        },
+        description="M3ID vs greedy vs M3ID+DPO on a toy Llava: CHAIR, Cover, POPE over seeds",
+    ),
+)
