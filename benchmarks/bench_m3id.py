@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
 from layerwise.decoding import M3IDLogitsProcessor, m3id_custom_generate, unconditional_inputs
-from layerwise.decoding.toy_vlm import SceneSpec, build_processor, build_toy_llava, render_scene, sample_scenes
+from layerwise.decoding.toy_vlm import (
+    SceneSpec,
+    build_processor,
+    build_toy_llava,
+    render_scene,
+    sample_scenes,
+)
 
 
 def _time(fn, repeats: int) -> float:
@@ -29,6 +36,11 @@ def _time(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _processor_path(model, inputs, unc, kw):
+    p = M3IDLogitsProcessor(model, unc, lambda_=0.02, alpha=0.3)  # one processor per generate call
+    return model.generate(**inputs, logits_processor=LogitsProcessorList([p]), **kw)
 
 
 def main() -> None:
@@ -46,22 +58,26 @@ def main() -> None:
         for batch in (1, 8):
             scenes = sample_scenes(spec, batch, seed=0)
             images = [Image.fromarray(render_scene(spec, s, seed=i)) for i, s in enumerate(scenes)]
-            inputs = proc(images=images, text=["<image> describe :"] * batch, padding=True, padding_side="left",
-                          return_tensors="pt")
+            inputs = proc(
+                images=images,
+                text=["<image> describe :"] * batch,
+                padding=True,
+                padding_side="left",
+                return_tensors="pt",
+            )
             unc = unconditional_inputs(inputs, image_token_id=model.config.image_token_id)
             kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
 
-            def greedy():
-                return model.generate(**inputs, **kw)
-
-            def processor_path():
-                p = M3IDLogitsProcessor(model, unc, lambda_=0.02, alpha=0.3)
-                return model.generate(**inputs, logits_processor=LogitsProcessorList([p]), **kw)
-
-            def batched_path():
-                return model.generate(**inputs, custom_generate=m3id_custom_generate,
-                                      m3id_unconditional_ids=unc["input_ids"],
-                                      m3id_unconditional_attention_mask=unc["attention_mask"], **kw)
+            greedy = partial(model.generate, **inputs, **kw)
+            batched_path = partial(
+                model.generate,
+                **inputs,
+                custom_generate=m3id_custom_generate,
+                m3id_unconditional_ids=unc["input_ids"],
+                m3id_unconditional_attention_mask=unc["attention_mask"],
+                **kw,
+            )
+            processor_path = partial(_processor_path, model, inputs, unc, kw)
 
             with torch.no_grad():
                 t_g = _time(greedy, repeats)

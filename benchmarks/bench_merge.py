@@ -175,6 +175,14 @@ def build_checkpoints(work: Path, layers: int, hidden: int, inter: int, vocab: i
     return 4 * sum(numels), 4 * max(numels)
 
 
+def _sizes(work: Path) -> tuple[int, int]:
+    from layerwise.editing import open_checkpoint
+
+    with open_checkpoint(work / "base") as ck:
+        sizes = [ck.nbytes(k) for k in ck.keys()]
+    return sum(sizes), max(sizes)
+
+
 def ensure_mergekit(venv: Path) -> Path | None:
     exe = venv / "bin" / "mergekit-yaml"
     if exe.exists():
@@ -236,16 +244,20 @@ def run_mergekit(exe: Path, work: Path, method: str) -> dict:
     return info
 
 
-def max_abs_diff(a: Path, b: Path) -> float:
+def max_abs_diff(a: Path, b: Path) -> tuple[float, int, int]:
+    """(max |difference|, number of differing entries, number of entries) between two checkpoints."""
     from layerwise.editing import open_checkpoint
 
-    worst = 0.0
+    worst, differing, total = 0.0, 0, 0
     with open_checkpoint(a) as x, open_checkpoint(b) as y:
         if set(x.keys()) != set(y.keys()):
             raise ValueError(f"{a} and {b} hold different tensors")
         for k in x.keys():
-            worst = max(worst, float((x.get(k).double() - y.get(k).double()).abs().max()))
-    return worst
+            d = (x.get(k).double() - y.get(k).double()).abs()
+            worst = max(worst, float(d.max())) if d.numel() else worst
+            differing += int((d > 0).sum())
+            total += d.numel()
+    return worst, differing, total
 
 
 def main() -> int:
@@ -259,6 +271,8 @@ def main() -> int:
     )
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="reuse checkpoints already in --workdir")
+    ap.add_argument("--jobs", default=None, help="comma-separated subset of the jobs (default: all)")
     ap.add_argument("--mergekit-venv", type=Path, default=Path.home() / ".cache/layerwise/venv-mergekit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -270,17 +284,22 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        size, largest = build_checkpoints(work, args.layers, args.hidden, args.intermediate, args.vocab)
+        if args.reuse and (work / f"ft{MODELS - 1}" / "model.safetensors").exists():
+            size, largest = _sizes(work)
+        else:
+            size, largest = build_checkpoints(work, args.layers, args.hidden, args.intermediate, args.vocab)
         print(
-            f"[bench] {MODELS + 1} checkpoints of {size / 1e6:.0f} MB (largest tensor {largest / 1e6:.0f} MB)"
-            " "
-            f"built in {time.perf_counter() - t0:.0f} s in {work}",
+            f"[bench] {MODELS + 1} checkpoints of {size / 1e6:.0f} MB "
+            f"(largest tensor {largest / 1e6:.0f} MB) ready in {time.perf_counter() - t0:.0f} s in {work}",
             flush=True,
         )
         me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(work), "--child"]
         results: dict[str, dict] = {}
         jobs = ["layerwise_ta", "naive_ta", "layerwise_ties", "layerwise_ties_lines", "naive_ties_lines"]
+        wanted = None if args.jobs is None else set(args.jobs.split(","))
         for job in jobs:
+            if wanted is not None and job not in wanted:
+                continue
             results[job] = _measured([*me, job])
             print(
                 f"[bench] {job}: {results[job]['wall_s']:.1f} s, "
@@ -290,6 +309,8 @@ def main() -> int:
         exe = None if args.no_mergekit else ensure_mergekit(args.mergekit_venv)
         if exe is not None:
             for method in ("task_arithmetic", "ties"):
+                if wanted is not None and f"mergekit_{method}" not in wanted:
+                    continue
                 try:
                     results[f"mergekit_{method}"] = run_mergekit(exe, work, method)
                     r = results[f"mergekit_{method}"]
@@ -313,7 +334,8 @@ def main() -> int:
             )
         if "mergekit_ties" in results:
             diffs["layerwise_ties vs mergekit"] = (work / "out_layerwise_ties", work / "out_mergekit_ties")
-        report(results, {name: max_abs_diff(a, b) for name, (a, b) in diffs.items()}, size, largest)
+        found = {n: (a, b) for n, (a, b) in diffs.items() if a.exists() and b.exists()}
+        report(results, {name: max_abs_diff(a, b) for name, (a, b) in found.items()}, size, largest)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -345,11 +367,13 @@ def report(results: dict, diffs: dict, size: int, largest: int) -> None:
                 f"peak RSS x{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}"
             )
     for job in ("layerwise_ta", "layerwise_ties", "layerwise_ties_lines"):
+        if job not in results:
+            continue
         r = results[job]
         ok = r["peak_rss_mb"] - r["rss_after_imports_mb"] <= 3 * largest / 2**20
         print(f"target peak RSS <= imports + 3 x largest tensor, {job}: {'met' if ok else 'NOT met'}")
-    for name, d in diffs.items():
-        print(f"max |difference| {name}: {d:.3g}")
+    for name, (worst, differing, total) in diffs.items():
+        print(f"max |difference| {name}: {worst:.3g} ({differing} of {total} entries differ)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from layerwise.hierarchy import RHM, belief_propagation, make_noise_process, sample_posterior, upward_pass
@@ -94,11 +96,52 @@ def test_arbitrary_positive_evidence_matches_brute_force():
     torch.testing.assert_close(res.log_partition, want_log_z, atol=1e-10, rtol=0)
 
 
-def test_upward_pass_log_partition_equals_bp():
-    rhm = RHM(4, 4, 2, 2, 3, seed=0)
+@st.composite
+def small_rhms(draw):
+    s = draw(st.sampled_from([2, 3]))
+    L = draw(st.integers(1, 2 if s == 3 else 3))
+    v = draw(st.integers(2, 4))
+    m = draw(st.integers(1, min(4, v ** (s - 1))))
+    n_c = draw(st.integers(1, min(5, v**s // m)))
+    return RHM(v, n_c, m, s, L, seed=draw(st.integers(0, 1000)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rhm=small_rhms(), seed=st.integers(0, 1000))
+def test_property_random_rhm_and_evidence_match_brute_force(rhm, seed):
+    """Random grammars (s, L, v, m, n_c) and random positive evidence with a wide dynamic range."""
+    data = rhm.enumerate()
+    gen = torch.Generator().manual_seed(seed)
+    evidence = torch.rand(3, rhm.d, rhm.v, generator=gen, dtype=torch.float64) ** 4 + 1e-9
+    want, want_log_z, _ = brute_marginals(rhm, data, evidence)
+    res = belief_propagation(rhm, evidence)
+    for got, exp in zip(res.marginals, want, strict=True):
+        torch.testing.assert_close(got, exp, atol=1e-10, rtol=0)
+    torch.testing.assert_close(res.log_partition, want_log_z, atol=1e-10, rtol=0)
+
+
+def test_upward_pass_messages():
+    """Leaves: the normalized evidence; root: the class posterior (uniform prior); log Z as in BP; and at
+    an inner node, with evidence only below it, the message is the brute-force posterior of its symbol
+    divided by the prior frequency of that symbol."""
+    rhm = RHM(4, 3, 2, 2, 3, seed=0)
+    data = rhm.enumerate()
     evidence = make_evidence(rhm, "uniform", 0.5, n=5, seed=2)
     up = upward_pass(rhm, evidence)
+    assert [tuple(u.shape) for u in up.messages] == [(5, 1, 3), (5, 2, 4), (5, 4, 4), (5, 8, 4)]
+    torch.testing.assert_close(up.messages[3], evidence / evidence.sum(-1, keepdim=True))
+    want, _, _ = brute_marginals(rhm, data, evidence)
+    torch.testing.assert_close(up.messages[0], want[0], atol=1e-12, rtol=0)
     torch.testing.assert_close(up.log_partition, belief_propagation(rhm, evidence).log_partition)
+    below = evidence.clone()
+    below[:, 2:] = 1.0  # evidence only below node 0 of level 2 (leaves 0 and 1)
+    want, _, _ = brute_marginals(rhm, data, below)
+    prior = torch.nn.functional.one_hot(data.tree[2][:, 0], rhm.v).double().mean(0)  # (v,)
+    seen = prior > 0  # symbols that can occur there; the identity P(a | e) ∝ prior(a) u(a) says nothing else
+    assert seen.sum() >= 2
+    ratio = want[2][:, 0, seen] / prior[seen]
+    msg = upward_pass(rhm, below).messages[2][:, 0, seen]
+    torch.testing.assert_close(msg / msg.sum(-1, keepdim=True), ratio / ratio.sum(-1, keepdim=True))
 
 
 def test_float32_close_to_float64():
@@ -111,15 +154,17 @@ def test_float32_close_to_float64():
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=0)
 
 
-def test_chunked_rows_match_unchunked(monkeypatch):
-    """The row-chunking that bounds memory does not change the result."""
+@pytest.mark.parametrize("params", [(6, 6, 3, 2, 4), (4, 3, 2, 3, 3)])
+def test_chunking_does_not_change_results(monkeypatch, params):
+    """The cache-sized chunking of nodes does not change the result (one node per chunk here)."""
     import layerwise.hierarchy.bp as bp
 
-    rhm = RHM(6, 6, 3, 2, 4, seed=1)
+    rhm = RHM(*params, seed=1)
     evidence = make_evidence(rhm, "mask", 0.4, n=7, seed=3)
-    full = belief_propagation(rhm, evidence)
-    monkeypatch.setattr(bp, "_CHUNK_ELEMENTS", 50)  # a few rows per chunk
+    full, drawn = belief_propagation(rhm, evidence), sample_posterior(rhm, evidence, seed=2)
+    monkeypatch.setattr(bp, "_CHUNK_ELEMENTS", 1)
     small = belief_propagation(rhm, evidence)
+    assert torch.equal(sample_posterior(rhm, evidence, seed=2).tokens, drawn.tokens)
     for a, b in zip(full.marginals, small.marginals, strict=True):
         torch.testing.assert_close(a, b, atol=1e-14, rtol=0)
     torch.testing.assert_close(full.log_partition, small.log_partition, atol=1e-12, rtol=0)
@@ -188,6 +233,16 @@ def test_impossible_evidence():
     assert torch.isnan(res.marginals[2][1]).all() and not torch.isnan(res.marginals[2][0]).any()
     with pytest.raises(ValueError, match=r"rows \[1\]"):
         sample_posterior(rhm, evidence)
+
+
+def test_empty_batch():
+    rhm = RHM(4, 3, 2, 2, 2, seed=0)
+    evidence = torch.ones(0, 4, 4, dtype=torch.float64)
+    res = belief_propagation(rhm, evidence)
+    assert [tuple(p.shape) for p in res.marginals] == [(0, 1, 3), (0, 2, 4), (0, 4, 4)]
+    assert res.log_partition.shape == (0,)
+    post = sample_posterior(rhm, evidence)
+    assert len(post) == 0 and post.tokens.shape == (0, 4) and len(post.choices) == 2
 
 
 def test_bad_evidence_raises():
@@ -272,3 +327,35 @@ def test_sample_marginals_match_bp_on_larger_instance():
         p = marg[lev][0]
         se = (p * (1 - p) / n).sqrt() + 1e-12
         assert ((freq - p).abs() <= 5 * se + 1e-9).all()
+
+
+def test_reproduces_paper_example_v32_m8_s2():
+    """PNAS 2025 (exact BP, eps-process, v=32, m=8, s=2): at L=7 and eps=0.75 the class is kept with
+    probability ≈ 0.14 and the leaves with ≈ 0.67 (the leaves change smoothly, the class sharply)."""
+    rhm = RHM(32, 32, 8, 2, 7, seed=0)
+    x0 = rhm.sample(400, seed=10)
+    evidence = make_noise_process("eps", 32).leaf_evidence(x0.tokens, 0.75)
+    marg = belief_propagation(rhm, evidence).marginals
+    p_class = marg[0][:, 0].gather(1, x0.labels[:, None]).mean().item()
+    p_leaf = marg[7].gather(2, x0.tokens.unsqueeze(-1)).mean().item()
+    assert p_class == pytest.approx(0.14, abs=0.04)
+    assert p_leaf == pytest.approx(0.67, abs=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    """The computation follows the evidence's device; a seed gives the same samples on CPU and GPU."""
+    rhm = RHM(8, 5, 3, 2, 5, seed=0)
+    evidence = make_evidence(rhm, "uniform", 0.6, n=64, seed=1)
+    cpu = belief_propagation(rhm, evidence)
+    gpu = belief_propagation(rhm, evidence.cuda())
+    assert gpu.marginals[0].device.type == "cuda"
+    for a, b in zip(cpu.marginals, gpu.marginals, strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gpu.log_partition.cpu(), cpu.log_partition, atol=1e-10, rtol=0)
+    s_cpu, s_gpu = sample_posterior(rhm, evidence, seed=4), sample_posterior(rhm, evidence.cuda(), seed=4)
+    assert s_gpu.tokens.device.type == "cuda"
+    # Identical uniforms; a draw could only differ where a uniform falls within round-off of a CDF step.
+    assert (s_gpu.tokens.cpu() == s_cpu.tokens).double().mean() > 0.99
+    rebuilt = rhm.from_choices(s_gpu.labels.cpu(), [c.cpu() for c in s_gpu.choices])
+    assert torch.equal(rebuilt.tokens, s_gpu.tokens.cpu())

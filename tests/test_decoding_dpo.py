@@ -1,4 +1,4 @@
-"""M3ID + DPO pairs, the TRL wrapper (a before/after check of the preference margin), and the m3id experiment."""
+"""M3ID + DPO pairs, the TRL wrapper (before/after check of the preference margin), the m3id experiment."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def test_pairs_are_built_as_specified(setup):
     model, proc, images = setup
     prompts = [caption_prompt()] * len(images)
     kw = {"lambda_": 1.0, "alpha": 1.0}
-    rows = build_preference_pairs(model, proc, images, prompts, prefix=first_words(1), max_new_tokens=5,
-                                  drop_ties=False, **kw)
+    rows = build_preference_pairs(
+        model, proc, images, prompts, prefix=first_words(1), max_new_tokens=5, drop_ties=False, **kw
+    )
     assert len(rows) == len(images)
     chosen = m3id_generate(model, proc, images, prompts, max_new_tokens=5, path="batched", **kw)
     greedy = m3id_generate(model, proc, images, prompts, max_new_tokens=5, alpha=0.0)
@@ -60,7 +61,7 @@ def test_pairs_are_built_as_specified(setup):
     # the rejected tail is the image-free model's greedy continuation of prompt-without-image + prefix
     free = tok(["describe : " + greedy[0].split()[0]], return_tensors="pt")
     out = model.generate(**free, max_new_tokens=5, do_sample=False)
-    tail = tok.decode(out[0, free["input_ids"].shape[1]:], skip_special_tokens=True)
+    tail = tok.decode(out[0, free["input_ids"].shape[1] :], skip_special_tokens=True)
     assert rows[0]["rejected"] == " " + " ".join((greedy[0].split()[0] + " " + tail).split()) + tok.eos_token
     with pytest.raises(ValueError, match="images"):
         build_preference_pairs(model, proc, images[:2], prompts)
@@ -72,21 +73,31 @@ def _margin(model, proc, rows):
     total = 0.0
     for row in rows:
         for sign, key in ((1, "chosen"), (-1, "rejected")):
-            p = proc(images=row["images"], text=[row["prompt"]], add_special_tokens=False, return_tensors="pt")
+            p = proc(
+                images=row["images"], text=[row["prompt"]], add_special_tokens=False, return_tensors="pt"
+            )
             comp = tok([row[key]], add_special_tokens=False, return_tensors="pt")["input_ids"]
             ids = torch.cat([p["input_ids"], comp], dim=1)
             with torch.no_grad():
                 logits = model(input_ids=ids, pixel_values=p["pixel_values"]).logits[0, :-1]
             lp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
-            total += sign * float(lp[-comp.shape[1]:].sum())
+            total += sign * float(lp[-comp.shape[1] :].sum())
     return total
 
 
 def test_train_dpo_raises_preference_margin(setup):
     model, proc, images = setup
     model = build_toy_llava(SPEC, hidden=32, seed=2)
-    rows = build_preference_pairs(model, proc, images, [caption_prompt()] * len(images), prefix=first_words(1),
-                                  lambda_=1.0, alpha=1.0, max_new_tokens=5)
+    rows = build_preference_pairs(
+        model,
+        proc,
+        images,
+        [caption_prompt()] * len(images),
+        prefix=first_words(1),
+        lambda_=1.0,
+        alpha=1.0,
+        max_new_tokens=5,
+    )
     assert len(rows) >= 4
     before = _margin(model, proc, rows)
     weights = [p.detach().clone() for p in model.parameters()]
@@ -104,17 +115,37 @@ def test_m3id_experiment_end_to_end(tmp_path):
 
     assert "m3id" in EXPERIMENTS
     summary = run_experiment(
-        "m3id", tmp_path, scale="quick", seeds=(0, 1), n_train_scenes=64, train_steps=4, batch_size=16,
-        hidden=32, n_test_scenes=6, n_dpo_images=8, lambdas=(0.3, 1.0), dpo_epochs=1.0,
+        "m3id",
+        tmp_path,
+        scale="quick",
+        seeds=(0, 1),
+        n_train_scenes=64,
+        train_steps=4,
+        batch_size=16,
+        hidden=32,
+        n_test_scenes=6,
+        n_dpo_images=8,
+        lambdas=(0.3, 1.0),
+        dpo_epochs=1.0,
     )
     out = tmp_path / "m3id"
     for name in ("config.json", "summary.json", "results.json", "results.csv", "m3id.png"):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in results["per_seed"]}
-    assert methods == {"greedy", "m3id_default", "m3id_lambda=0.3", "m3id_lambda=1", "m3id+dpo_greedy"}
+    assert methods == {
+        "greedy",
+        "m3id_default",
+        "m3id_lambda=0.3",
+        "m3id_lambda=1",
+        "m3id_lambda=1_cutoff=0.1",
+        "m3id+dpo_greedy",
+    }
     assert {r["seed"] for r in results["per_seed"]} == {0, 1}
     for method, metrics in results["aggregate"].items():
         for key in ("chair_i", "chair_s", "cover", "pope_accuracy", "pope_yes_ratio"):
-            assert 0.0 <= metrics[key]["min"] <= metrics[key]["mean"] <= metrics[key]["max"] <= 1.0, (method, key)
+            assert 0.0 <= metrics[key]["min"] <= metrics[key]["mean"] <= metrics[key]["max"] <= 1.0, (
+                method,
+                key,
+            )
     assert "greedy:chair_s" in summary

@@ -41,7 +41,9 @@ def vlm():
     proc = build_processor(SPEC)
     model = build_toy_llava(SPEC, hidden=32, layers=2, vision_hidden=32, seed=0)
     model.generation_config.eos_token_id = None  # fixed-length generation: every step is checked
-    images = [Image.fromarray(render_scene(SPEC, s, seed=i)) for i, s in enumerate(sample_scenes(SPEC, 3, seed=0))]
+    images = [
+        Image.fromarray(render_scene(SPEC, s, seed=i)) for i, s in enumerate(sample_scenes(SPEC, 3, seed=0))
+    ]
     return model, proc, images
 
 
@@ -83,6 +85,23 @@ def test_scores_alpha_zero_lambda_zero_t_zero_identity():
     assert not torch.equal(m3id_scores(lc, lu, 30, alpha=1.0, lambda_=1.0), lc)
 
 
+def test_plausibility_cutoff_hand_computed():
+    lc = torch.log(torch.tensor([[0.5, 0.3, 0.04, 0.16], [0.9, 0.05, 0.03, 0.02]]))
+    lu = torch.log(torch.tensor([[0.6, 0.3, 0.001, 0.099], [0.25, 0.25, 0.25, 0.25]]))
+    w = math.expm1(0.5 * 4)
+    plain = m3id_scores(lc, lu, 4, lambda_=0.5, alpha=0.6)
+    # without the cutoff, token 2 (p_c 0.04 but p_u 0.001) wins: the failure the cutoff prevents
+    assert plain[0].argmax() == 2
+    out = m3id_scores(lc, lu, 4, lambda_=0.5, alpha=0.6, plausibility=0.1)
+    # row 0 corrected; cutoff 0.1 * 0.5 = 0.05 removes token 2 (0.04); row 1 not corrected (0.9 > 0.6): untouched
+    want0 = lc[0] + w * (lc[0] - lu[0])
+    want0[2] = -math.inf
+    torch.testing.assert_close(out[0], want0)
+    torch.testing.assert_close(out[1], lc[1])
+    with pytest.raises(ValueError, match="plausibility"):
+        m3id_generate(None, None, None, ["x"], plausibility=0.0)
+
+
 def test_masked_tokens_stay_masked():
     lc = torch.log(torch.tensor([[0.2, 0.2, 0.0, 0.6]]))  # token 2 masked (-inf)
     lu = torch.log(torch.tensor([[0.25, 0.25, 0.25, 0.25]]))
@@ -92,7 +111,12 @@ def test_masked_tokens_stay_masked():
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"lambda_": -0.1}, "lambda_"), ({"alpha": 1.5}, "alpha"), ({"t0": -1}, "t0"), ({"max_weight": -2.0}, "max_weight")],
+    [
+        ({"lambda_": -0.1}, "lambda_"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"t0": -1}, "t0"),
+        ({"max_weight": -2.0}, "max_weight"),
+    ],
 )
 def test_bad_parameters_name_themselves(vlm, kwargs, name):
     model, proc, images = vlm
@@ -113,7 +137,9 @@ def test_unconditional_inputs_drop_and_mask():
     img, pad = 9, 0
     ids = torch.tensor([[0, 0, 1, 9, 9, 5, 6], [1, 9, 9, 5, 6, 7, 8]])
     mask = (ids != 0).long()
-    out = unconditional_inputs({"input_ids": ids, "attention_mask": mask}, image_token_id=img, pad_token_id=pad)
+    out = unconditional_inputs(
+        {"input_ids": ids, "attention_mask": mask}, image_token_id=img, pad_token_id=pad
+    )
     assert out["input_ids"].tolist() == [[0, 0, 1, 5, 6], [1, 5, 6, 7, 8]]
     assert out["attention_mask"].tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     out = unconditional_inputs({"input_ids": ids, "attention_mask": mask}, image_token_id=img, mode="mask")
@@ -142,7 +168,9 @@ def _reference_scores(model, proc, images, prompts, sequences, prompt_len, lam, 
             u_ids = torch.cat([uncond_prompt, generated[:t]])[None]
             with torch.no_grad():
                 logits = model(input_ids=c_ids, pixel_values=single["pixel_values"]).logits[0, -1]
-                lc = torch.log_softmax(logits.index_fill(0, torch.tensor([image_id]), -math.inf), -1)  # bad word
+                lc = torch.log_softmax(
+                    logits.index_fill(0, torch.tensor([image_id]), -math.inf), -1
+                )  # bad word
                 lu = torch.log_softmax(model(input_ids=u_ids).logits[0, -1], -1)
             w = math.exp(lam * (t + t0)) - 1
             unsure = lc.exp().max() < alpha
@@ -159,8 +187,9 @@ def test_processor_scores_equal_no_cache_recomputation(vlm, t0):
     # a random model may emit the image token, which a full forward with pixel values cannot take back:
     # ban it (generate masks it before M3ID sees the scores; the reference does the same)
     ban = {"bad_words_ids": [[model.config.image_token_id]]}
-    greedy = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
-                            return_dict_in_generate=True, **ban)
+    greedy = model.generate(
+        **inputs, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True, **ban
+    )
     # alpha between the smallest and largest confidence seen: the gate is open at some steps, closed at others
     conf = torch.stack([torch.softmax(s, -1).max(-1).values for s in greedy.scores]).flatten()
     assert conf.min() < conf.median() < conf.max()
@@ -168,8 +197,15 @@ def test_processor_scores_equal_no_cache_recomputation(vlm, t0):
     lam = 0.3
     unc = unconditional_inputs(inputs, image_token_id=model.config.image_token_id)
     proc_m3id = M3IDLogitsProcessor(model, unc, lambda_=lam, alpha=alpha, t0=t0)
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True, logits_processor=LogitsProcessorList([proc_m3id]), **ban)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=6,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        logits_processor=LogitsProcessorList([proc_m3id]),
+        **ban,
+    )
     got = torch.stack(out.scores, dim=1)  # (batch, steps, vocab)
     prompt_len = inputs["input_ids"].shape[1]
     ref = _reference_scores(model, proc, images, PROMPTS, out.sequences, prompt_len, lam, alpha, t0)
@@ -194,12 +230,18 @@ def test_alpha_zero_and_lambda_zero_never_change_greedy(vlm, mode):
     model, proc, images = vlm
     inputs = _inputs(proc, images)
     plain = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    plain_text = proc.tokenizer.batch_decode(plain[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    plain_text = proc.tokenizer.batch_decode(
+        plain[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    )
     for path in ("processor", "batched"):
         for kw in ({"alpha": 0.0, "lambda_": 1.0}, {"alpha": 1.0, "lambda_": 0.0}):
-            got = m3id_generate(model, proc, images, PROMPTS, max_new_tokens=8, unconditional=mode, path=path, **kw)
+            got = m3id_generate(
+                model, proc, images, PROMPTS, max_new_tokens=8, unconditional=mode, path=path, **kw
+            )
             assert got == plain_text, (path, kw)
-    active = m3id_generate(model, proc, images, PROMPTS, max_new_tokens=8, unconditional=mode, alpha=1.0, lambda_=1.0)
+    active = m3id_generate(
+        model, proc, images, PROMPTS, max_new_tokens=8, unconditional=mode, alpha=1.0, lambda_=1.0
+    )
     assert active != plain_text
 
 
@@ -210,8 +252,13 @@ def test_cache_independence(vlm):
     unc = unconditional_inputs(inputs, image_token_id=model.config.image_token_id)
     cache = DynamicCache(config=model.config.text_config)
     proc_m3id = M3IDLogitsProcessor(model, unc, lambda_=1.0, alpha=1.0)
-    out = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache=cache,
-                         logits_processor=LogitsProcessorList([proc_m3id]))
+    out = model.generate(
+        **inputs,
+        max_new_tokens=6,
+        do_sample=False,
+        cache=cache,
+        logits_processor=LogitsProcessorList([proc_m3id]),
+    )
     # generate's cache holds exactly its own tokens (no doubling by the image-free branch) and vice versa
     assert cache.get_seq_length() == out.shape[1] - 1
     assert proc_m3id._cache is not cache
@@ -228,11 +275,20 @@ def test_beam_search_refused(vlm):
     inputs = _inputs(proc, images)
     unc = unconditional_inputs(inputs, image_token_id=model.config.image_token_id)
     with pytest.raises(ValueError, match="beam search"):
-        model.generate(**inputs, num_beams=3, max_new_tokens=4,
-                       logits_processor=LogitsProcessorList([M3IDLogitsProcessor(model, unc)]))
+        model.generate(
+            **inputs,
+            num_beams=3,
+            max_new_tokens=4,
+            logits_processor=LogitsProcessorList([M3IDLogitsProcessor(model, unc)]),
+        )
     with pytest.raises(ValueError, match="num_beams"):
-        model.generate(**inputs, num_beams=2, max_new_tokens=3, custom_generate=m3id_custom_generate,
-                       m3id_unconditional_ids=unc["input_ids"])
+        model.generate(
+            **inputs,
+            num_beams=2,
+            max_new_tokens=3,
+            custom_generate=m3id_custom_generate,
+            m3id_unconditional_ids=unc["input_ids"],
+        )
 
 
 def test_sampling_is_seeded_and_supports_multiple_returns(vlm):
@@ -254,8 +310,15 @@ def test_text_conditioned_lm_document_grounding():
 
     proc = build_processor(SPEC)
     tok = proc.tokenizer
-    cfg = LlamaConfig(vocab_size=len(SPEC.vocabulary()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(SPEC.vocabulary()),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     model.generation_config.eos_token_id = None

@@ -25,7 +25,7 @@ def test_extract_objects_synonyms_longest_phrase_and_word_boundaries():
 
 def test_chair_hand_counted():
     captions = [
-        "A man and a dog sit at a table.",  # mentions person, dog, dining table; truth person, dog -> 1 halluc.
+        "A man and a dog sit at a table.",  # person, dog, dining table; truth person, dog: 1 halluc.
         "A puppy with a mug and another dog.",  # dog (once), cup; truth dog, cup -> 0 halluc.
         "A cup.",  # cup; truth person -> 1 halluc., 0 correct
         "Nothing to see here",  # nothing mentioned; truth dog

@@ -102,6 +102,9 @@ def test_tiny_bert_forward_backward_text(tmp_path):
     _, vocab = tiny_bert(tmp_path)
     den = MaskedLMDenoiser.from_pretrained(str(tmp_path), n_steps=3, batch_size=8)
     assert den.mask_id == vocab.index("[MASK]")
+    assert set(den.forbidden_ids) == {vocab.index(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
+    other = MaskedLMDenoiser.from_pretrained(str(tmp_path), tokenizer=str(tmp_path), mask_id=7)
+    assert other.mask_id == 7 and 7 in other.forbidden_ids  # explicit mask id (MDLM-style checkpoints)
     text = " ".join(WORDS[i % len(WORDS)] for i in range(7 * 41))
     ids = passages_from_text(den.tokenizer, text, length=24, n_passages=6)
     assert ids.shape == (6, 24)

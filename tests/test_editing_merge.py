@@ -32,6 +32,7 @@ def _setup(seed: int = 0, dtype=torch.float32):
         "layers.2.attn.w": (6, 6),
         "head.w": (3, 6),
         "scalar": (),
+        "empty": (0, 6),
     }
     base = {k: torch.randn(s, generator=g, dtype=dtype) for k, s in shapes.items()}
     base["pos_ids"] = torch.arange(5)
@@ -81,7 +82,7 @@ def _ties_ref(taus, keep, weights):
         trimmed = torch.stack([torch.where(keep[t][k], taus[t][k], 0) for t in range(len(taus))])
         w = torch.tensor(weights, dtype=torch.float64).reshape(-1, *[1] * trimmed[0].dim())
         elected = torch.sign((w * trimmed).sum(0))
-        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+        agree = (torch.sign(w * trimmed) == elected) & (trimmed != 0)
         num = (w * trimmed * agree).sum(0)
         den = (w * agree).sum(0)
         out[k] = torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, 1, den))
@@ -144,7 +145,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("method,params", CASES)
-@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.7, 1.3, 0.4)])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (0.7, 1.3, 0.4), (0.7, -1.3, 0.4)])
 def test_methods_match_dense_reference(method, params, weights):
     base, fts = _setup(1)
     scale = 0.8
@@ -275,7 +276,7 @@ def test_two_pass_threshold_is_exact_kth_largest(seed):
         assert torch.equal(sel.result(), expected)
 
 
-def test_lines_in_driver_explicit_and_auto_alpha():
+def test_lines_in_driver_explicit_and_auto_alpha(tmp_path):
     base, fts = _setup(6)
     depth = {
         "layers.0.attn.w": 0,
@@ -309,6 +310,14 @@ def test_lines_in_driver_explicit_and_auto_alpha():
     torch.testing.assert_close(
         ties.tensors[k].double(), base[k].double() + (alpha_ref + 0.5) * tref[k], atol=2e-6, rtol=0
     )
+    # on disk (the alpha pass stashes the merged vector in the temporary folder): same tensors, no stash
+    disk = merge_models(
+        "ties", fts, base, params=params, lines=LinesSpec(beta=0.5), chunk_elements=11, out=tmp_path / "o"
+    )
+    assert disk.lines_alpha == ties.lines_alpha
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["layerwise_merge.json", "model.safetensors"]
+    on_disk = load_state_dict(tmp_path / "o")
+    assert all(torch.equal(on_disk[k], ties.tensors[k]) for k in base)
 
 
 class _Exploding(StateDictCheckpoint):
@@ -350,6 +359,10 @@ def test_registry_errors_and_custom_method():
         merge_models("ties", fts, base, params={"densty": 0.1})
     with pytest.raises(ValueError, match="topk must be one of"):
         merge_models("ties", fts, base, params={"topk": "layer"})
+    with pytest.raises(ValueError, match="per-model 'density'"):
+        register_merge_method("needs_thresholds", inputs=("thresholds",))
+    with pytest.raises(ValueError, match="inputs must be among"):
+        register_merge_method("needs_magic", inputs=("magic",))
     with pytest.raises(ValueError, match="already registered"):
         register_merge_method("ties")(lambda d: d[0])
     with pytest.raises(ValueError, match="lacks 1 key"):

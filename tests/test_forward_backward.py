@@ -150,3 +150,14 @@ def test_threshold_at_L9_matches_mean_field_eps_star():
     assert kept[0] > 0.7 and kept[-1] < 0.15  # a sharp drop inside the window
     measured = crossing_point(levels, kept, 0.5)
     assert abs(measured - eps_star) <= 0.03
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from layerwise.hierarchy import forward_backward as fb_module
+    from layerwise.hierarchy import observables
+
+    for module in (fb_module, observables):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

@@ -14,8 +14,8 @@ V = 5
 
 
 def test_registry_names_and_unknown_name():
-    assert set(NOISE_PROCESSES.names()) == {"eps", "uniform", "mask"}
-    with pytest.raises(ValueError, match="valid names: eps, mask, uniform"):
+    assert {"eps", "uniform", "mask"} <= set(NOISE_PROCESSES.names())
+    with pytest.raises(ValueError, match="unknown noise process .gauss.; valid names: .*eps"):
         make_noise_process("gauss", 4)
     for name in NOISE_PROCESSES:
         proc = make_noise_process(name, V)

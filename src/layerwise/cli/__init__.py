@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order --help lists them.
-COMMAND_MODULES = ("reproduce", "rhm", "merge", "diffusion")
+COMMAND_MODULES = ("reproduce", "rhm", "merge", "diffusion", "m3id")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "chi.png and C_of_r.png into --out.",
     )
     t.add_argument("--model", required=True, help="masked-LM checkpoint folder (or hub id)")
+    t.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: --model)")
+    t.add_argument("--mask-id", type=int, default=None, help="mask token id (default: the tokenizer's)")
     t.add_argument("--text", required=True, help="UTF-8 text file to cut into passages")
     t.add_argument("--levels", type=float, nargs="+", required=True, help="mask fractions in [0, 1]")
     t.add_argument("--n-passages", type=int, default=32, help="passages (default 32)")
@@ -70,7 +72,7 @@ def _text(args: argparse.Namespace) -> int:
                    length=args.length, n_trajectories=args.n_trajectories, n_steps=args.n_steps,
                    strategy=args.strategy,
                    batch_size=args.batch_size, r_max=args.r_max, seed=args.seed, device=args.device,
-                   trust_remote_code=args.trust_remote_code)
+                   trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer, mask_id=args.mask_id)
     for lv in res["levels"]:
         print(f"t={lv['level']:.3f}  change={lv['change_probability']:.4f}  chi={lv['chi']:.3f}  "
               f"chi(r<={args.r_max:g})={lv['chi_r_max']:.3f}  xi={lv['xi']:.2f}")

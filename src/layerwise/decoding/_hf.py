@@ -40,7 +40,7 @@ def _forward_info(model: Any) -> tuple[str, bool]:
 
 
 def cache_kwarg(model: Any) -> str:
-    """The forward keyword that carries the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    """The forward keyword carrying the KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     return _forward_info(model)[0]
 
 

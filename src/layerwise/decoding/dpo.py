@@ -18,7 +18,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-
 from .._validation import check_float, check_int
 from ._hf import require
 from .generate import m3id_generate
@@ -40,12 +39,16 @@ def first_words(n: int) -> Callable[[str], str]:
     return lambda text: " ".join(text.split()[:n])
 
 
-def _greedy(model: Any, tokenizer_or_processor: Any, prompts: list[str], images: list[Any] | None, **kw: Any) -> list[str]:
+def _greedy(
+    model: Any, tokenizer_or_processor: Any, prompts: list[str], images: list[Any] | None, **kw: Any
+) -> list[str]:
     tok = getattr(tokenizer_or_processor, "tokenizer", tokenizer_or_processor)
     if images is None:
         inputs = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
     else:
-        inputs = tokenizer_or_processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+        inputs = tokenizer_or_processor(
+            images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+        )
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(**inputs, do_sample=False, pad_token_id=tok.pad_token_id, **kw)
     return tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -95,13 +98,25 @@ def build_preference_pairs(
     for start in range(0, len(prompts), batch_size):
         imgs, ps = list(images[start : start + batch_size]), list(prompts[start : start + batch_size])
         chosen = m3id_generate(
-            model, processor, imgs, ps, lambda_=lambda_, alpha=alpha, t0=t0, max_weight=max_weight,
-            max_new_tokens=max_new_tokens, do_sample=False, path="batched",
+            model,
+            processor,
+            imgs,
+            ps,
+            lambda_=lambda_,
+            alpha=alpha,
+            t0=t0,
+            max_weight=max_weight,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            path="batched",
         )
         conditioned = _greedy(model, processor, ps, imgs, max_new_tokens=max_new_tokens)
         heads = [prefix(c) for c in conditioned]
         # The image-free model continues the prompt without the image, after the on-topic prefix.
-        free_prompts = [" ".join((p.replace(image_token, " ").strip() + " " + h).split()) for p, h in zip(ps, heads, strict=True)]
+        free_prompts = [
+            " ".join((p.replace(image_token, " ").strip() + " " + h).split())
+            for p, h in zip(ps, heads, strict=True)
+        ]
         tails = _greedy(model, tok, free_prompts, None, max_new_tokens=max_new_tokens)
         for img, p, c, h, tail in zip(imgs, ps, chosen, heads, tails, strict=True):
             rejected = " ".join((h + " " + tail).split())
@@ -110,7 +125,14 @@ def build_preference_pairs(
                 continue
             bos = tok.bos_token if tok.bos_token and not p.startswith(tok.bos_token) else ""
             eos = tok.eos_token or ""
-            rows.append({"images": [img], "prompt": f"{bos}{p}", "chosen": f" {c}{eos}", "rejected": f" {rejected}{eos}"})
+            rows.append(
+                {
+                    "images": [img],
+                    "prompt": f"{bos}{p}",
+                    "chosen": f" {c}{eos}",
+                    "rejected": f" {rejected}{eos}",
+                }
+            )
     return rows
 
 
@@ -159,7 +181,9 @@ def train_dpo(
         raise ValueError("rows must not be empty (no preference pairs were built)")
     # transformers 5.x renamed gradient_checkpointing -> activation_checkpointing (old name deprecated)
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
-    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    )
     ref = ref_model if ref_model is not None else copy.deepcopy(model).eval()
     with tempfile.TemporaryDirectory() as tmp:
         settings = {

@@ -23,7 +23,7 @@ import torch
 
 from .._validation import check_choice
 from ._hf import forward_step, positions_from_mask, require
-from .m3id import M3IDLogitsProcessor, check_m3id_params, m3id_scores
+from .m3id import M3IDLogitsProcessor, check_m3id_params, check_plausibility, m3id_scores
 
 __all__ = ["unconditional_inputs", "m3id_custom_generate", "m3id_generate", "left_pad"]
 
@@ -93,6 +93,7 @@ def m3id_custom_generate(
     m3id_alpha: float = 0.3,
     m3id_t0: float = 0.0,
     m3id_max_weight: float | None = None,
+    m3id_plausibility: float | None = None,
     **model_kwargs: Any,
 ) -> torch.LongTensor:
     """Batched M3ID decoding loop for ``model.generate(..., custom_generate=m3id_custom_generate)``.
@@ -107,8 +108,11 @@ def m3id_custom_generate(
     (batch, prompt_length + new_tokens) token ids, like ``generate``.
     """
     lambda_, alpha, t0, max_weight = check_m3id_params(m3id_lambda, m3id_alpha, m3id_t0, m3id_max_weight)
+    plausibility = check_plausibility(m3id_plausibility)
     if getattr(generation_config, "num_beams", 1) > 1:
-        raise ValueError(f"M3ID supports greedy decoding and sampling only, got num_beams={generation_config.num_beams}")
+        raise ValueError(
+            f"M3ID supports greedy decoding and sampling only, got num_beams={generation_config.num_beams}"
+        )
     if m3id_unconditional_ids is None:
         raise ValueError("m3id_unconditional_ids is required (the condition-free prompt)")
     b, device = input_ids.shape[0], input_ids.device
@@ -144,7 +148,14 @@ def m3id_custom_generate(
         extra = {}
         logprobs = torch.log_softmax(logits, dim=-1)
         scores = m3id_scores(
-            logprobs[:b], logprobs[b:], t, lambda_=lambda_, alpha=alpha, t0=t0, max_weight=max_weight
+            logprobs[:b],
+            logprobs[b:],
+            t,
+            lambda_=lambda_,
+            alpha=alpha,
+            t0=t0,
+            max_weight=max_weight,
+            plausibility=plausibility,
         )
         scores = logits_processor(input_ids, scores)
         if generation_config.do_sample:
@@ -169,12 +180,17 @@ def m3id_custom_generate(
 
 
 def _image_token_id(model: Any, tokenizer: Any) -> int:
-    for source, name in ((model.config, "image_token_id"), (model.config, "image_token_index"),
-                         (tokenizer, "image_token_id")):
+    for source, name in (
+        (model.config, "image_token_id"),
+        (model.config, "image_token_index"),
+        (tokenizer, "image_token_id"),
+    ):
         value = getattr(source, name, None)
         if isinstance(value, int):
             return value
-    raise ValueError("cannot find the image token id on model.config or the tokenizer; pass unconditional_prompts")
+    raise ValueError(
+        "cannot find the image token id on model.config or the tokenizer; pass unconditional_prompts"
+    )
 
 
 def m3id_generate(
@@ -188,6 +204,7 @@ def m3id_generate(
     alpha: float = 0.3,
     t0: float = 0.0,
     max_weight: float | None = None,
+    plausibility: float | None = None,
     unconditional: str = "drop",
     path: str = "processor",
     seed: int | None = None,
@@ -205,6 +222,7 @@ def m3id_generate(
         (document-grounded generation: the prompt without the document). With images they replace the
         automatic image-free prompt.
     lambda_, alpha, t0, max_weight : the M3ID rule (see :func:`layerwise.decoding.m3id_scores`).
+    plausibility : optional VCD-style cutoff (off by default, as in the paper).
     unconditional : ``"drop"`` (remove image tokens) or ``"mask"`` (keep positions, mask them out).
     path : ``"processor"`` (logits processor in generate's loop) or ``"batched"`` (one 2x batch per step).
     seed : seed for sampling (the global torch RNG is forked, so the caller's RNG state is unchanged).
@@ -219,18 +237,22 @@ def m3id_generate(
     from transformers import LogitsProcessorList
 
     check_m3id_params(lambda_, alpha, t0, max_weight)
+    check_plausibility(plausibility)
     check_choice("path", path, PATHS)
     check_choice("unconditional", unconditional, UNCONDITIONAL_MODES)
     num_beams = generate_kwargs.get("num_beams", getattr(model.generation_config, "num_beams", 1)) or 1
     if num_beams > 1:
-        raise ValueError(f"M3ID supports greedy decoding and sampling only (num_beams=1), got num_beams={num_beams}")
+        raise ValueError(
+            f"M3ID supports greedy decoding and sampling only (num_beams=1), got num_beams={num_beams}"
+        )
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a sequence of strings")
     if images is not None and len(images) != len(prompts):
         raise ValueError(f"images must have one entry per prompt ({len(prompts)}), got {len(images)}")
     if unconditional_prompts is not None and len(unconditional_prompts) != len(prompts):
         raise ValueError(
-            f"unconditional_prompts must have one entry per prompt ({len(prompts)}), got {len(unconditional_prompts)}"
+            f"unconditional_prompts must have one entry per prompt ({len(prompts)}), "
+            f"got {len(unconditional_prompts)}"
         )
     tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -240,7 +262,9 @@ def m3id_generate(
         )
     else:
         if unconditional_prompts is None:
-            raise ValueError("unconditional_prompts is required when images is None (the condition-free prompts)")
+            raise ValueError(
+                "unconditional_prompts is required when images is None (the condition-free prompts)"
+            )
         inputs = tokenizer(list(prompts), padding=True, padding_side="left", return_tensors="pt")
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     if unconditional_prompts is not None:
@@ -252,7 +276,9 @@ def m3id_generate(
         )
     generate_kwargs.setdefault("pad_token_id", pad_id)
     if path == "processor":
-        proc = M3IDLogitsProcessor(model, unc, lambda_=lambda_, alpha=alpha, t0=t0, max_weight=max_weight)
+        proc = M3IDLogitsProcessor(
+            model, unc, lambda_=lambda_, alpha=alpha, t0=t0, max_weight=max_weight, plausibility=plausibility
+        )
         extra = {"logits_processor": LogitsProcessorList([proc])}
     else:
         extra = {
@@ -264,6 +290,7 @@ def m3id_generate(
             "m3id_alpha": alpha,
             "m3id_t0": t0,
             "m3id_max_weight": max_weight,
+            "m3id_plausibility": plausibility,
         }
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with rng:

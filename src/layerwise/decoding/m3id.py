@@ -11,6 +11,10 @@ with ``gamma_t = exp(-lambda (t + t0))`` gives the grounded scores
 where ``t`` counts generated tokens; ``(1 - gamma)/gamma = exp(lambda (t + t0)) - 1`` grows without bound, so
 an optional ``max_weight`` clamps it. The gate applies the correction only when the model is unsure.
 
+Option (off by default, not in the paper): ``plausibility = beta`` keeps, on corrected rows, only tokens with
+``p_c >= beta * max p_c`` (the adaptive plausibility constraint of VCD, Leng et al. 2024), which stops a large
+weight from promoting tokens that are merely less unlikely with the image than without it.
+
 :func:`m3id_scores` is the formula as a pure function; :class:`M3IDLogitsProcessor` plugs it into Hugging
 Face ``generate`` (greedy and sampling) by running its own image-free forward pass with its own KV cache.
 """
@@ -26,7 +30,16 @@ import torch
 from .._validation import check_float
 from ._hf import forward_step, positions_from_mask
 
-__all__ = ["m3id_weight", "m3id_scores", "M3IDLogitsProcessor", "check_m3id_params"]
+__all__ = ["m3id_weight", "m3id_scores", "M3IDLogitsProcessor", "check_m3id_params", "check_plausibility"]
+
+
+def check_plausibility(plausibility: float | None) -> float | None:
+    """Validate the optional plausibility cutoff (None or a number in (0, 1])."""
+    return (
+        None
+        if plausibility is None
+        else check_float("plausibility", plausibility, low=0.0, high=1.0, low_open=True)
+    )
 
 
 def check_m3id_params(
@@ -64,6 +77,7 @@ def m3id_scores(
     alpha: float = 0.3,
     t0: float = 0.0,
     max_weight: float | None = None,
+    plausibility: float | None = None,
 ) -> torch.Tensor:
     """Apply the gated M3ID rule to log-probabilities.
 
@@ -74,6 +88,8 @@ def m3id_scores(
     uncond_logprobs : (batch, vocab) log-softmax scores of the same model without the condition.
     t : number of tokens generated so far (0 at the first generated token).
     lambda_, alpha, t0, max_weight : the rule's parameters (see the module docstring).
+    plausibility : optional cutoff ``beta`` in (0, 1]: on corrected rows, tokens with ``p_c < beta max p_c``
+        get ``-inf`` (off by default; see the module docstring).
 
     Returns
     -------
@@ -99,7 +115,11 @@ def m3id_scores(
     log_alpha = math.log(alpha)
     gate = cond_logprobs.max(dim=-1, keepdim=True).values < log_alpha  # (batch, 1): the model is unsure
     keep = gate & torch.isfinite(cond_logprobs)  # never turn a masked token (-inf) into NaN
-    return torch.where(keep, cond_logprobs + w * (cond_logprobs - uncond_logprobs), cond_logprobs)
+    out = torch.where(keep, cond_logprobs + w * (cond_logprobs - uncond_logprobs), cond_logprobs)
+    if plausibility is not None:
+        floor = cond_logprobs.max(dim=-1, keepdim=True).values + math.log(plausibility)  # (batch, 1)
+        out = out.masked_fill(gate & (cond_logprobs < floor), -math.inf)
+    return out
 
 
 class M3IDLogitsProcessor:
@@ -122,6 +142,7 @@ class M3IDLogitsProcessor:
     alpha : gate threshold in [0, 1]; the correction applies when ``max p_c < alpha``; 0 disables M3ID.
     t0 : offset of the step count (0 for captioning, about the question length for VQA).
     max_weight : optional clamp of the weight ``exp(lambda (t + t0)) - 1``.
+    plausibility : optional cutoff (see :func:`m3id_scores`; off by default, as in the paper).
 
     Attributes
     ----------
@@ -132,7 +153,7 @@ class M3IDLogitsProcessor:
     >>> from transformers import LogitsProcessorList                       # doctest: +SKIP
     >>> unc = unconditional_inputs(inputs, image_token_id=model.config.image_token_id)  # doctest: +SKIP
     >>> proc = M3IDLogitsProcessor(model, unc, lambda_=0.02, alpha=0.3)     # doctest: +SKIP
-    >>> model.generate(**inputs, logits_processor=LogitsProcessorList([proc]), do_sample=False)  # doctest: +SKIP
+    >>> out = model.generate(**inputs, logits_processor=LogitsProcessorList([proc]))  # doctest: +SKIP
     """
 
     def __init__(
@@ -143,8 +164,10 @@ class M3IDLogitsProcessor:
         alpha: float = 0.3,
         t0: float = 0.0,
         max_weight: float | None = None,
+        plausibility: float | None = None,
     ) -> None:
         self.lambda_, self.alpha, self.t0, self.max_weight = check_m3id_params(lambda_, alpha, t0, max_weight)
+        self.plausibility = check_plausibility(plausibility)
         if not isinstance(unconditional_inputs, Mapping) or "input_ids" not in unconditional_inputs:
             raise TypeError(
                 "unconditional_inputs must be a mapping with 'input_ids' (and optionally 'attention_mask', "
@@ -181,7 +204,9 @@ class M3IDLogitsProcessor:
                     )
                 # num_return_sequences = k: generate repeats each prompt k times (repeat_interleave)
                 k = n // b
-                self._ids, self._mask, self._pos = (x.repeat_interleave(k, dim=0) for x in (self._ids, self._mask, self._pos))
+                self._ids, self._mask, self._pos = (
+                    x.repeat_interleave(k, dim=0) for x in (self._ids, self._mask, self._pos)
+                )
             self._prompt_len = input_ids.shape[1]
             ids, pos = self._ids, self._pos
         else:
@@ -198,7 +223,9 @@ class M3IDLogitsProcessor:
             self._pos = pos
         self._prev = input_ids
         with torch.no_grad():
-            logits, self._cache = forward_step(self.model, ids.to(input_ids.device), self._mask, pos, self._cache)
+            logits, self._cache = forward_step(
+                self.model, ids.to(input_ids.device), self._mask, pos, self._cache
+            )
         return torch.log_softmax(logits, dim=-1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -208,5 +235,12 @@ class M3IDLogitsProcessor:
         t = input_ids.shape[1] - self._prompt_len
         self.weights_.append(m3id_weight(t, self.lambda_, self.t0, self.max_weight))
         return m3id_scores(
-            cond, uncond, t, lambda_=self.lambda_, alpha=self.alpha, t0=self.t0, max_weight=self.max_weight
+            cond,
+            uncond,
+            t,
+            lambda_=self.lambda_,
+            alpha=self.alpha,
+            t0=self.t0,
+            max_weight=self.max_weight,
+            plausibility=self.plausibility,
         )

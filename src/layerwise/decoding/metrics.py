@@ -8,7 +8,7 @@ set of canonical objects ``M`` (an object mentioned twice counts once), compared
 * ``chair_i = sum |M - A| / sum |M|``: hallucinated objects over mentioned objects (0 if nothing mentioned);
 * ``chair_s = mean 1[|M - A| > 0]``: fraction of captions with at least one hallucinated object;
 * ``cover = sum |M & A| / sum |A|``: fraction of annotated objects that are mentioned;
-* ``length = mean number of words``. CHAIR falls with shorter captions, so always read it with Cover and length.
+* ``length = mean number of words``. CHAIR falls with shorter captions: always read it with Cover and length.
 
 POPE: answers are parsed as yes/no from their first word; "yes" is the positive class.
 """
@@ -44,15 +44,15 @@ class SynonymTable:
         self.lookup: dict[tuple[str, ...], str] = {}
         for canonical, phrases in synonyms.items():
             if isinstance(phrases, str):
-                raise TypeError(f"synonyms[{canonical!r}] must be a list of phrases, got the string {phrases!r}")
+                raise TypeError(
+                    f"synonyms[{canonical!r}] must be a list of phrases, got the string {phrases!r}"
+                )
             for phrase in [canonical, *phrases]:
                 key = tuple(_WORD.findall(phrase.lower()))
                 if not key:
                     raise ValueError(f"synonym phrase {phrase!r} of {canonical!r} has no words")
                 if key in self.lookup and self.lookup[key] != canonical:
-                    raise ValueError(
-                        f"phrase {phrase!r} maps to both {self.lookup[key]!r} and {canonical!r}"
-                    )
+                    raise ValueError(f"phrase {phrase!r} maps to both {self.lookup[key]!r} and {canonical!r}")
                 self.lookup[key] = canonical
         self.max_words = max((len(k) for k in self.lookup), default=1)
 
@@ -104,7 +104,9 @@ def chair(
     if isinstance(captions, str):
         raise TypeError("captions must be a sequence of strings, got a single string")
     if len(captions) != len(annotations):
-        raise ValueError(f"annotations must have one entry per caption ({len(captions)}), got {len(annotations)}")
+        raise ValueError(
+            f"annotations must have one entry per caption ({len(captions)}), got {len(annotations)}"
+        )
     if not captions:
         raise ValueError("captions must not be empty")
     table = _table(synonyms)
@@ -160,7 +162,9 @@ def pope_metrics(answers: Sequence[str | bool | None], labels: Sequence[bool]) -
         raise ValueError(f"labels must have one entry per answer ({len(answers)}), got {len(labels)}")
     if not answers:
         raise ValueError("answers must not be empty")
-    parsed = [a if isinstance(a, bool) else (parse_yes_no(a) if isinstance(a, str) else None) for a in answers]
+    parsed = [
+        a if isinstance(a, bool) else (parse_yes_no(a) if isinstance(a, str) else None) for a in answers
+    ]
     unparsed = sum(p is None for p in parsed)
     pred = [bool(p) for p in parsed]
     gold = [bool(x) for x in labels]

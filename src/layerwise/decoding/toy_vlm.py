@@ -117,7 +117,9 @@ def _colours(n: int) -> np.ndarray:
     return (0.25 + 0.75 * rgb).astype(np.float32)  # (n, 3)
 
 
-def sample_scenes(spec: SceneSpec, n: int, *, test: bool = False, seed: int | torch.Generator | None = 0) -> list[Scene]:
+def sample_scenes(
+    spec: SceneSpec, n: int, *, test: bool = False, seed: int | torch.Generator | None = 0
+) -> list[Scene]:
     """Draw ``n`` scenes: 1..max_objects objects uniformly, then the co-occurrence rule of each pair.
 
     ``test=True`` uses ``p_cooccur_test`` (the pair's bias broken) instead of ``p_cooccur``.
@@ -172,7 +174,7 @@ def pope_question(obj: str, with_image: bool = True) -> str:
 
 
 def build_processor(spec: SceneSpec) -> Any:
-    """A ``LlavaProcessor`` with a word-level tokenizer over ``spec.vocabulary()`` and a PIL image processor."""
+    """A ``LlavaProcessor``: a word-level tokenizer over ``spec.vocabulary()`` and a PIL image processor."""
     require("transformers", "hf")
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import LlavaProcessor, PreTrainedTokenizerFast
@@ -258,7 +260,11 @@ def build_toy_llava(
 
 
 def make_examples(
-    spec: SceneSpec, scenes: Sequence[Scene], *, pope_fraction: float = 0.5, seed: int | torch.Generator | None = 0
+    spec: SceneSpec,
+    scenes: Sequence[Scene],
+    *,
+    pope_fraction: float = 0.5,
+    seed: int | torch.Generator | None = 0,
 ) -> list[tuple[int, str, str]]:
     """Training examples ``(scene index, prompt, target)``: captions, and yes/no questions for a fraction.
 
@@ -307,14 +313,19 @@ def train_toy_vlm(
     pixels = processor.image_processor([img for img in images], return_tensors="pt")["pixel_values"]
     n_img_tokens = (images[0].shape[0] // model.config.vision_config.patch_size) ** 2
     image_id, pad_id, bos_id, eos_id = (
-        tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id
+        tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        tok.pad_token_id,
+        tok.bos_token_id,
+        tok.eos_token_id,
     )
     encoded = [
         (i, tok(p, add_special_tokens=False)["input_ids"], tok(t, add_special_tokens=False)["input_ids"])
         for i, p, t in examples
     ]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))
+    )
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="train toy VLM", disable=not progress, leave=False):

@@ -73,12 +73,15 @@ def run_text(
     seed: int = 0,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    tokenizer: str | None = None,
+    mask_id: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Forward-backward with a masked LM checkpoint on passages of a text file; write results into ``out``."""
     from .text import MaskedLMDenoiser, passages_from_text, text_forward_backward
 
-    den = MaskedLMDenoiser.from_pretrained(model, trust_remote_code=trust_remote_code, device=device,
+    den = MaskedLMDenoiser.from_pretrained(model, tokenizer=tokenizer, mask_id=mask_id,
+                                           trust_remote_code=trust_remote_code, device=device,
                                            n_steps=n_steps, strategy=strategy, batch_size=batch_size)
     text = Path(text_file).read_text(encoding="utf-8")
     ids = passages_from_text(den.tokenizer, text, length=length, n_passages=n_passages)

@@ -113,6 +113,8 @@ class MaskedLMDenoiser:
         cls,
         path: str,
         *,
+        tokenizer: str | None = None,
+        mask_id: int | None = None,
         trust_remote_code: bool = False,
         device: str | torch.device = "cpu",
         torch_dtype: torch.dtype | None = None,
@@ -120,25 +122,36 @@ class MaskedLMDenoiser:
     ) -> MaskedLMDenoiser:
         """Load ``AutoModelForMaskedLM`` and its tokenizer from a folder (or hub id) and wrap them.
 
-        The tokenizer's special tokens become ``forbidden_ids`` and its mask token the ``mask_id``; the
-        tokenizer is kept as ``.tokenizer``. ``kwargs`` go to the constructor (n_steps, strategy, ...).
-        Remote code runs only with ``trust_remote_code=True`` (needed by some MDLM checkpoints).
+        Parameters
+        ----------
+        path : the checkpoint folder or hub id.
+        tokenizer : where to load the tokenizer from (default: ``path``), e.g. ``"gpt2"`` for MDLM models.
+        mask_id : the mask token id (default: the tokenizer's mask token; MDLM checkpoints use an extra
+            id past the GPT-2 vocabulary, 50257, and their tokenizer has no mask token).
+        trust_remote_code : run the checkpoint's own Python code (off by default; MDLM checkpoints need it).
+        device, torch_dtype : where and in which dtype to put the model.
+        kwargs : passed to the constructor (n_steps, strategy, temperature, batch_size).
+
+        The tokenizer's special tokens become ``forbidden_ids``; it is kept as ``.tokenizer``.
         """
         try:
             from transformers import AutoModelForMaskedLM, AutoTokenizer
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise ImportError("MaskedLMDenoiser.from_pretrained needs transformers: "
                               "pip install 'layerwise[hf]'") from err
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if tokenizer.mask_token_id is None:
-            raise ValueError(f"the tokenizer at {path!r} has no mask token; a masked LM needs one")
+        tok = AutoTokenizer.from_pretrained(tokenizer or path, trust_remote_code=trust_remote_code)
+        if mask_id is None:
+            mask_id = tok.mask_token_id
+        if mask_id is None:
+            source = tokenizer or path
+            raise ValueError(f"mask_id must be given: the tokenizer of {source!r} has no mask token")
         load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if torch_dtype is not None:
             load_kw["dtype"] = torch_dtype
         model = AutoModelForMaskedLM.from_pretrained(path, **load_kw).to(device).eval()
-        special = [i for i in tokenizer.all_special_ids if i is not None]
-        den = cls(model, tokenizer.mask_token_id, forbidden_ids=special, **kwargs)
-        den.tokenizer = tokenizer
+        special = [i for i in tok.all_special_ids if i is not None]
+        den = cls(model, mask_id, forbidden_ids=special, **kwargs)
+        den.tokenizer = tok
         return den
 
     # ----------------------------------------------------------------------------------------- sampling
@@ -150,7 +163,9 @@ class MaskedLMDenoiser:
 
     @torch.no_grad()
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        # Only input_ids: every position attends everywhere (the default), and models whose forward takes
+        # no attention mask (e.g. MDLM's) work too.
+        out = self.model(input_ids=ids)
         logits = out.logits if hasattr(out, "logits") else out[0]  # (B, d, V)
         logits = logits.float() / self.temperature
         forbidden = [i for i in self.forbidden_ids if i < logits.shape[-1]]

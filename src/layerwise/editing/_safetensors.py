@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DTYPES", "DTYPE_NAMES", "TensorInfo", "read_header", "read_range", "plan_header"]
+__all__ = ["DTYPES", "DTYPE_NAMES", "TensorInfo", "read_header", "read_range", "read_into", "plan_header"]
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -98,16 +98,20 @@ def read_range(fh, info: TensorInfo, start: int = 0, stop: int | None = None) ->
         numel *= d
     stop = numel if stop is None else stop
     out = torch.empty(stop - start, dtype=info.dtype)
-    view = memoryview(out.view(torch.uint8).numpy()).cast("B")  # raw bytes of ``out``, shared memory
-    itemsize = out.element_size()
-    fh.seek(info.begin + start * itemsize)
+    read_into(fh, info, out, start)
+    return out
+
+
+def read_into(fh, info: TensorInfo, out: torch.Tensor, start: int = 0) -> None:
+    """Fill contiguous ``out`` (dtype ``info.dtype``) with elements ``[start, start + out.numel())``."""
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")  # raw bytes of ``out``, shared
+    fh.seek(info.begin + start * out.element_size())
     done = 0
     while done < len(view):
         got = fh.readinto(view[done:])
         if not got:
             raise ValueError(f"{getattr(fh, 'name', 'file')}: truncated safetensors data")
         done += got
-    return out
 
 
 def plan_header(

@@ -56,8 +56,18 @@ class Checkpoint:
         raise NotImplementedError
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor ``key`` as a 1-D tensor ``(stop - start,)``."""
+        """Elements ``[start, stop)`` of the flattened tensor ``key`` as a 1-D tensor ``(stop - start,)``.
+
+        May be a view of the source (in-memory state dicts, memory-mapped torch files): do not modify it.
+        """
         raise NotImplementedError
+
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        """Fill the contiguous 1-D tensor ``out`` with elements ``[start, start + out.numel())`` of ``key``.
+
+        Converts to ``out.dtype``; readers override it to read straight into ``out`` without a copy.
+        """
+        out.copy_(self.read(key, start, start + out.numel()))
 
     def numel(self, key: str) -> int:
         n = 1
@@ -105,6 +115,9 @@ class StateDictCheckpoint(Checkpoint):
     def keys(self) -> list[str]:
         return list(self._t)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._t
+
     def _tensor(self, key: str) -> torch.Tensor:
         try:
             return self._t[key]
@@ -140,6 +153,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
     def _info(self, key: str) -> tuple[Path, st.TensorInfo]:
         try:
             return self._where[key]
@@ -154,10 +170,19 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         path, info = self._info(key)
+        return st.read_range(self._handle(path), info, start, stop)
+
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
+        path, info = self._info(key)
+        if out.dtype != info.dtype or not out.is_contiguous():
+            return super().read_into(key, out, start)
+        st.read_into(self._handle(path), info, out, start)
+
+    def _handle(self, path: Path):
         fh = self._handles.get(path)
         if fh is None:
             fh = self._handles[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
-        return st.read_range(fh, info, start, stop)
+        return fh
 
     def close(self) -> None:
         for fh in self._handles.values():
@@ -197,6 +222,9 @@ class TorchCheckpoint(Checkpoint):
 
     def keys(self) -> list[str]:
         return list(self._where)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
 
     def _tensor(self, key: str) -> torch.Tensor:
         if key not in self._where:

@@ -13,7 +13,7 @@ Example
 >>> tau = TaskVector(pre, ft)
 >>> tau.keys(), tau.norm(1), (2 * tau).norm(2)
 (['w'], 5.0, 6.0)
->>> TaskVector.apply_to(-tau, pre, scale=0.5)["w"]
+>>> (-tau).apply_to(pre, scale=0.5)["w"]
 tensor([-0.5000,  1.0000, -1.0000])
 """
 

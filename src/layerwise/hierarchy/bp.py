@@ -17,8 +17,13 @@ every internal node; the evidence at leaf ``i`` is ``e_i(x) ∝ p(x_t,i | x0,i =
 
 Cost and memory: per level, work ``O(N * nodes * n_parents * m * s)`` -- the rule table is used through
 index gathers and scatters over its ``n_parents * m`` rules, never as a dense ``(v, n*m, nodes, s)`` tensor;
-the temporary ``(rows, n_parents * m)`` tensors are processed in row chunks of bounded size. Messages are
-normalized at every node and the log scales are accumulated into ``log_partition``.
+the ``(n_parents * m, nodes)`` temporaries are processed in cache-sized chunks of nodes. Memory: the upward
+messages of all levels plus the outputs, ``O(N * d * v)``. Messages are normalized at every node and the
+log scales are accumulated into ``log_partition``, so nothing underflows at any depth.
+
+Many small tensor operations run per level: on a CPU shared with other jobs, OpenMP spin-waiting can make
+multi-threaded runs much slower than one thread; use ``torch.set_num_threads(1)`` or
+``OMP_WAIT_POLICY=PASSIVE`` there.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from .rhm import RHM, RHMSample
 
 __all__ = ["BPResult", "UpwardMessages", "upward_pass", "belief_propagation", "sample_posterior"]
 
-# Elements of one temporary (n_parents * m, cols) tensor: 4 MiB in float64, so the gathers stay in cache.
-_CHUNK_ELEMENTS = 1 << 19
+# Elements of one temporary (n_parents * m, cols) tensor: 2 MiB in float64, so the gathers stay in cache.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -131,13 +136,14 @@ def _normalize_(x: torch.Tensor, dim: int) -> torch.Tensor:
     return total.squeeze(dim).log()
 
 
-def _to_public(msg: torch.Tensor, n: int) -> torch.Tensor:
-    """Root (n_c, N) or split (s, n_l, N * s**(l-1)) -> (N, s**l, n_l)."""
-    if msg.dim() == 2:
+def _to_public(msg: torch.Tensor, n: int, level: int) -> torch.Tensor:
+    """Root (n_c, N) or split level ``level`` (s, n_l, N * s**(level-1)) -> (N, s**level, n_l)."""
+    if level == 0:
         return msg.t().unsqueeze(1).contiguous()  # (N, 1, n_c)
-    s, n_sym, cols = msg.shape
+    s, n_sym, _ = msg.shape
     # (s, n_sym, N, nodes) -> (N, nodes, s, n_sym) -> (N, nodes * s, n_sym)
-    return msg.view(s, n_sym, n, cols // n).permute(2, 3, 0, 1).reshape(n, -1, n_sym)
+    nodes = s ** (level - 1)
+    return msg.view(s, n_sym, n, nodes).permute(2, 3, 0, 1).reshape(n, nodes * s, n_sym)
 
 
 def _upward(rhm: RHM, evidence: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -146,22 +152,22 @@ def _upward(rhm: RHM, evidence: torch.Tensor) -> tuple[list[torch.Tensor], torch
     Up: ``u(a) = (1/m) sum_r prod_i u_i(R[a, r, i])``; every message is divided by its sum and the log
     of that sum is added to log Z, so nothing underflows however deep the tree.
     """
-    n, s, m, dtype = evidence.shape[0], rhm.s, rhm.m, evidence.dtype
+    n, s, m, dtype, device = evidence.shape[0], rhm.s, rhm.m, evidence.dtype, evidence.device
     # (N * d / s, s, v) -> (s, v, N * d / s): split layout of the leaves (a copy; the input is untouched).
     split = evidence.reshape(-1, s, rhm.v).permute(1, 2, 0).contiguous()
-    log_z = _normalize_(split, 1).view(s, n, -1).sum((0, 2))  # (N,)
+    log_z = _normalize_(split, 1).view(s, n, rhm.d // s).sum((0, 2))  # (N,)
     messages = [split]
     for level in range(rhm.L - 1, -1, -1):
         table = rhm.rules[level]  # (n_parents, m, s)
         n_parents = table.shape[0]
-        flat = _flat_rules(table)
+        flat = _flat_rules(table).to(device)
         cols = n * s**level
         if level > 0:
-            out = torch.empty(s, n_parents, cols // s, dtype=dtype)
+            out = torch.empty(s, n_parents, cols // s, dtype=dtype, device=device)
             out_cols = out.permute(1, 2, 0)  # (n_parents, cols / s, s) view; (n, k) -> [:, k // s, k % s]
         else:
-            out = torch.empty(n_parents, cols, dtype=dtype)  # the root: (n_c, N)
-        log_c = torch.empty(cols, dtype=dtype)
+            out = torch.empty(n_parents, cols, dtype=dtype, device=device)  # the root: (n_c, N)
+        log_c = torch.empty(cols, dtype=dtype, device=device)
         for start, stop in _chunks(cols, n_parents * m, s if level > 0 else 1):
             prod = _rule_products(split, flat, start, stop)  # (n_parents * m, c)
             up = prod.view(n_parents, m, -1).sum(1)  # sum over rules r: (n_parents, c)
@@ -170,7 +176,7 @@ def _upward(rhm: RHM, evidence: torch.Tensor) -> tuple[list[torch.Tensor], torch
                 out_cols[:, start // s : stop // s] = up.view(n_parents, -1, s)
             else:
                 out[:, start:stop] = up
-        log_z = log_z + log_c.view(n, -1).sum(1)
+        log_z = log_z + log_c.view(n, s**level).sum(1)
         messages.insert(0, out)
         split = out
     # Prior: Z = (1/n_c) sum_c u_0(c) prod (1/m) over internal nodes; sum_c u_0(c) = 1 or 0 (impossible).
@@ -196,7 +202,8 @@ def upward_pass(rhm: RHM, evidence: torch.Tensor, dtype: torch.dtype = torch.flo
     evidence = _check_evidence(rhm, evidence, dtype)
     messages, log_z = _upward(rhm, evidence)
     n = evidence.shape[0]
-    return UpwardMessages(messages=tuple(_to_public(msg, n) for msg in messages), log_partition=log_z)
+    public = tuple(_to_public(msg, n, level) for level, msg in enumerate(messages))
+    return UpwardMessages(messages=public, log_partition=log_z)
 
 
 # --------------------------------------------------------------------------------------------- marginals
@@ -207,7 +214,7 @@ def belief_propagation(rhm: RHM, evidence: torch.Tensor, dtype: torch.dtype = to
     ----------
     rhm : the model (its rules); prior = uniform class and uniform rule at every internal node.
     evidence : (N, d, v) nonnegative leaf likelihoods ``e_i(a) ∝ p(x_t,i | x0,i = a)``, e.g. from
-        :meth:`layerwise.hierarchy.noise.NoiseProcess.leaf_evidence`.
+        :meth:`layerwise.hierarchy.noise.NoiseProcess.leaf_evidence`; on any device (the work runs there).
     dtype : floating dtype of the computation (default float64; float32 is faster and looser).
 
     Returns
@@ -226,21 +233,21 @@ def belief_propagation(rhm: RHM, evidence: torch.Tensor, dtype: torch.dtype = to
     [(4, 1, 8), (4, 2, 8), (4, 4, 8), (4, 8, 8)]
     """
     evidence = _check_evidence(rhm, evidence, dtype)
-    n, s, m = evidence.shape[0], rhm.s, rhm.m
+    n, s, m, device = evidence.shape[0], rhm.s, rhm.m, evidence.device
     messages, log_z = _upward(rhm, evidence)
     impossible = torch.isneginf(log_z)
     # Uniform class prior: P(c | e) ∝ u_0(c), already normalized (zeros for impossible evidence).
-    marginals = [_to_public(messages[0], n)]  # (N, 1, n_c)
+    marginals = [_to_public(messages[0], n, 0)]  # (N, 1, n_c)
     for level in range(rhm.L):
         table = rhm.rules[level]  # (n_parents, m, s)
         n_parents = table.shape[0]
-        flat = _flat_rules(table)
+        flat = _flat_rules(table).to(device)
         cols = n * s**level
         children = messages[level + 1]  # (s, v, cols)
         messages[level + 1] = None  # let the upward message go as soon as it is used: peak memory
         # Parent marginals as (n_parents, cols) -- a view of the public (N, s**level, n_parents) tensor.
         parent = marginals[level].view(cols, n_parents).t()
-        out = torch.empty(n, cols // n * s, rhm.v, dtype=dtype)  # public marginals of level + 1
+        out = torch.empty(n, s ** (level + 1), rhm.v, dtype=dtype, device=device)  # public marginals
         out_split = out.view(cols, s, rhm.v).permute(1, 2, 0)  # (s, v, cols) view of it
         for start, stop in _chunks(cols, n_parents * m, 1):
             prod = _rule_products(children, flat, start, stop).view(n_parents, m, -1)  # (n_parents, m, c)
@@ -248,7 +255,7 @@ def belief_propagation(rhm: RHM, evidence: torch.Tensor, dtype: torch.dtype = to
             p_parent = parent[:, start:stop]
             ratio = torch.where(norm > 0, p_parent / torch.where(norm > 0, norm, 1.0), 0.0)
             joint = (prod * ratio.unsqueeze(1)).view(n_parents * m, -1)  # P(a, r | e): (n_parents * m, c)
-            chunk = torch.zeros(s, rhm.v, stop - start, dtype=dtype)
+            chunk = torch.zeros(s, rhm.v, stop - start, dtype=dtype, device=device)
             for i in range(s):
                 chunk[i].index_add_(0, flat[i], joint)  # P(child_i = b | e) = sum_{a, r: R[a, r, i] = b}
             _normalize_(chunk, 1)  # sums are 1 up to round-off
@@ -264,7 +271,9 @@ def belief_propagation(rhm: RHM, evidence: torch.Tensor, dtype: torch.dtype = to
 def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One draw per row of unnormalized nonnegative ``weights`` (..., k) -> (...) long."""
     cdf = weights.cumsum(-1)  # (..., k)
-    u = torch.rand(weights.shape[:-1], generator=generator, dtype=weights.dtype) * cdf[..., -1]
+    # Uniforms come from the CPU generator whatever the device, so a seed gives the same draws everywhere.
+    u = torch.rand(weights.shape[:-1], generator=generator, dtype=weights.dtype).to(weights.device)
+    u = u * cdf[..., -1]
     idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
     return idx.clamp_(max=weights.shape[-1] - 1)
 
@@ -283,8 +292,9 @@ def sample_posterior(
     Parameters
     ----------
     rhm : the model.
-    evidence : (N, d, v) nonnegative leaf likelihoods.
-    seed : an int, a ``torch.Generator`` (advanced in place) or None (fresh randomness).
+    evidence : (N, d, v) nonnegative leaf likelihoods, on any device (the work and the result go there).
+    seed : an int, a CPU ``torch.Generator`` (advanced in place) or None (fresh randomness). Uniforms are
+        drawn on the CPU, so a seed gives the same draws on every device.
     dtype : floating dtype of the messages (default float64).
 
     Returns
@@ -314,9 +324,9 @@ def sample_posterior(
     n, s, m = evidence.shape[0], rhm.s, rhm.m
     labels = _inverse_cdf(messages[0].t(), gen)  # (N,): P(c | e) ∝ u_0(c)
     symbols = labels.view(n, 1)  # (N, 1)
-    choices = []
+    tree, choices = [symbols], []
     for level in range(rhm.L):
-        table = rhm.rules[level]  # (n_parents, m, s)
+        table = rhm.rules[level].to(evidence.device)  # (n_parents, m, s)
         nodes = s**level
         kids = table[symbols]  # (N, nodes, m, s): the children of every rule of the sampled symbols
         # u_i(R[a, r, i]) from the split (s, v, N * nodes) messages: gather along v.
@@ -326,5 +336,6 @@ def sample_posterior(
         choice = _inverse_cdf(weights, gen)  # (N, nodes)
         choices.append(choice)
         symbols = torch.gather(kids, 2, choice.view(n, nodes, 1, 1).expand(n, nodes, 1, s))
-        symbols = symbols.view(n, nodes * s)  # (N, s**(level+1))
-    return rhm.from_choices(labels, choices)
+        symbols = symbols.reshape(n, nodes * s)  # (N, s**(level+1))
+        tree.append(symbols)
+    return RHMSample(labels=labels, tree=tuple(tree), choices=tuple(choices))

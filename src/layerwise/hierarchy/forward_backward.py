@@ -239,8 +239,8 @@ def _run_level(
             stats.update(changes)
         if tree0 is not None and isinstance(out, RHMSample):
             tree_hat = tuple(t.reshape(b, n_traj, -1) for t in out.tree)  # (b, T, s**l) per level
-            same = [(th == t0[start : start + b].unsqueeze(1)).double() for t0, th in zip(tree0, tree_hat,
-                                                                                          strict=True)]
+            pairs = zip(tree0, tree_hat, strict=True)
+            same = [(th == t0[start : start + b].unsqueeze(1)).double() for t0, th in pairs]  # (b, T, s**l)
             block = torch.stack([s.sum() for s in same])  # (L+1,)
             kept_sum = block if kept_sum is None else kept_sum + block
             per_x0_class.append(same[0].mean(dim=(1, 2)))  # (b,)

@@ -26,21 +26,21 @@ TOPK = Param(
 
 
 def disjoint_mean(deltas: torch.Tensor, weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """TIES steps 2-3: elect the sign of ``sum_t w_t delta_t``, average the entries that agree with it.
+    """TIES steps 2-3: elect the sign of ``sum_t w_t delta_t``, average the contributions that agree with it.
 
     ``deltas``: (T, n), already trimmed (dropped entries are 0); ``weight``: (T,). Returns (n,):
-    ``sum_t w_t delta_t [sign(delta_t) = s] / sum_t w_t [sign(delta_t) = s]`` (0 where nothing agrees);
-    without ``normalize`` the sum is not divided. Zeros never count as agreeing.
+    ``sum_t w_t delta_t a_t / sum_t w_t a_t`` with ``a_t = 1[sign(w_t delta_t) = s]`` (0 where nothing
+    agrees); without ``normalize`` the sum is not divided. Zeros never agree. With positive weights this is
+    the paper's disjoint mean; signs of weighted deltas follow mergekit for negative weights.
     """
     weighted = deltas * weight[:, None]  # (T, n)
     elected = torch.sign(weighted.sum(dim=0))  # (n,)
-    agree = (torch.sign(deltas) == elected) & (deltas != 0)  # (T, n)
+    agree = (weighted * elected) > 0  # (T, n): same nonzero sign as the elected one
     total = torch.where(agree, weighted, 0).sum(dim=0)  # (n,)
     if not normalize:
         return total
-    divisor = torch.where(agree, weight[:, None], 0).sum(dim=0)  # (n,)
-    divisor = torch.where(divisor.abs() < 1e-12, torch.ones_like(divisor), divisor)
-    return total / divisor
+    divisor = weight @ agree.to(weight.dtype)  # (n,)
+    return total / torch.where(divisor.abs() < 1e-12, torch.ones_like(divisor), divisor)
 
 
 def keep_topk(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

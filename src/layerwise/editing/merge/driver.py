@@ -58,6 +58,7 @@ DTYPE_CHOICES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+_IN_MEMORY_CHUNKS = 4  # per-tensor top-k thresholds in memory for tensors up to this many chunks
 _RNG_BLOCK = 1 << 20  # DARE draws are generated in blocks of this many elements (independent of chunking)
 
 
@@ -225,13 +226,21 @@ def plan_merge(
 
 # -- streaming primitives ----------------------------------------------------------------------------------
 def _chunks(plan: MergePlan, key: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(start, base (n_c,), deltas (T, n_c))`` over the flattened tensor ``key``, in compute dtype."""
+    """Yield ``(start, base (n_c,), deltas (T, n_c))`` over the flattened tensor ``key``, in compute dtype.
+
+    The yielded tensors are buffers reused by the next chunk: consume them before advancing.
+    """
     n = plan.base.numel(key)
     cd = compute_dtype(plan.base.dtype(key))
+    size = min(max(n, 1), plan.chunk_elements)
+    base_buf = torch.empty(size, dtype=cd)
+    delta_buf = torch.empty(len(plan.models), size, dtype=cd)  # (T, n_c)
     for start in range(0, max(n, 1), plan.chunk_elements):
         stop = min(n, start + plan.chunk_elements)
-        base = plan.base.read(key, start, stop).to(cd)
-        deltas = torch.stack([m.read(key, start, stop).to(cd) for m in plan.models])  # (T, n_c)
+        base, deltas = base_buf[: stop - start], delta_buf[:, : stop - start]
+        plan.base.read_into(key, base, start)
+        for t, m in enumerate(plan.models):
+            m.read_into(key, deltas[t], start)
         deltas -= base
         yield start, base, deltas
 
@@ -253,9 +262,25 @@ def uniform_draws(seed: int, key: str, model: int, start: int, stop: int, numel:
 
 
 def _tensor_thresholds(plan: MergePlan, key: str) -> torch.Tensor:
-    """Per-tensor top-k thresholds (T,) of tensor ``key`` (two streaming passes over it)."""
+    """Per-tensor top-k thresholds (T,) of tensor ``key``.
+
+    Up to ``_IN_MEMORY_CHUNKS`` chunks, one model at a time in memory (a selection on its whole task vector,
+    about 3 tensors of memory); beyond, two streaming histogram passes over the tensor.
+    """
     n = plan.base.numel(key)
-    sel = TwoPassThreshold([topk_count(mp["density"], n) for mp in plan.model_params])
+    ks = [topk_count(mp["density"], n) for mp in plan.model_params]
+    if n <= _IN_MEMORY_CHUNKS * plan.chunk_elements:
+        cd = compute_dtype(plan.base.dtype(key))
+        base = torch.empty(n, dtype=cd)
+        plan.base.read_into(key, base)
+        row = torch.empty(n, dtype=cd)
+        out = torch.empty(len(plan.models), dtype=torch.float32)
+        for t, m in enumerate(plan.models):
+            m.read_into(key, row)
+            row -= base
+            out[t] = kth_largest_abs(row[None, :], [ks[t]])[0]
+        return out
+    sel = TwoPassThreshold(ks)
     for _ in range(2):
         for _, _, deltas in _chunks(plan, key):
             sel.update(deltas)
@@ -318,20 +343,40 @@ def _merged_chunks(
         yield start, base, deltas, plan.method.fn(deltas, **kwargs)
 
 
-def _auto_alpha(plan: MergePlan, global_thr: torch.Tensor | None, progress: bool) -> float:
-    """LiNeS multi-task alpha: ``(||sum_t tau_t||_1 / ||tau_merged||_1) / T`` in one streaming pass."""
+def _auto_alpha(plan: MergePlan, global_thr: torch.Tensor | None, progress: bool, stash) -> float:
+    """LiNeS multi-task alpha: ``(||sum_t tau_t||_1 / ||tau_merged||_1) / T`` in one streaming pass.
+
+    Each merged chunk is handed to ``stash(key, chunk, start)`` so that the final pass needs only the base
+    and the stash instead of merging again.
+    """
     from tqdm.auto import tqdm
 
     sum_l1 = merged_l1 = 0.0
     for key in tqdm(plan.float_keys, desc="LiNeS alpha pass", unit="tensor", disable=not progress):
-        for _, _, deltas, merged in _merged_chunks(plan, key, global_thr):
+        for start, _, deltas, merged in _merged_chunks(plan, key, global_thr):
             sum_l1 += float(deltas.sum(dim=0).abs().double().sum())
             merged_l1 += float(merged.abs().double().sum())
+            stash(key, merged, start)
     if merged_l1 == 0:
         raise ValueError(
             "LiNeS: the merged task vector is zero, alpha = ||sum tau||_1 / ||tau_merged||_1 undefined"
         )
     return sum_l1 / merged_l1 / len(plan.models)
+
+
+def _stashed_chunks(
+    plan: MergePlan, stash: Checkpoint, key: str
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(start, base (n_c,), merged (n_c,))`` from the base and the stashed merged task vector."""
+    n = plan.base.numel(key)
+    cd = compute_dtype(plan.base.dtype(key))
+    for start in range(0, max(n, 1), plan.chunk_elements):
+        stop = min(n, start + plan.chunk_elements)
+        base = torch.empty(stop - start, dtype=cd)
+        plan.base.read_into(key, base, start)
+        merged = torch.empty(stop - start, dtype=cd)
+        stash.read_into(key, merged, start)
+        yield start, base, merged
 
 
 def execute_plan(
@@ -346,7 +391,36 @@ def execute_plan(
 
     With ``out``, non-weight files of a base model folder (config, tokenizer…) are copied along when
     ``copy_files``, and ``layerwise_merge.json`` records the plan, the parameters and the LiNeS table.
+    With LiNeS and an automatic alpha, the merged task vector of the alpha pass is stashed (in memory, or
+    in float32 safetensors inside the temporary output folder, deleted before it is renamed into place).
     """
+    if out is None:
+        tensors = {k: torch.empty(plan.base.shape(k), dtype=plan.out_dtype(k)) for k in plan.base.keys()}
+
+        def to_memory(key, chunk, start):
+            tensors[key].view(-1)[start : start + chunk.numel()] = chunk
+
+        result = _execute(plan, to_memory, None, progress)
+        result.tensors = tensors
+        return result
+    out = Path(out)
+    specs = [(k, plan.base.shape(k), plan.out_dtype(k)) for k in plan.base.keys()]
+    with atomic_directory(out) as tmp:
+        writer = ShardedSafetensorsWriter(
+            tmp, specs, plan.max_shard_bytes, metadata={"format": "pt", "merged_by": "layerwise"}
+        )
+        result = _execute(plan, writer.write, tmp / ".lines_stash", progress)
+        writer.close()
+        if copy_files:
+            _copy_side_files(Path(plan.base.source), tmp)
+        result.info.update(record or {})
+        write_json(tmp / "layerwise_merge.json", result.info)
+    result.out = out
+    return result
+
+
+def _execute(plan: MergePlan, sink, stash_dir: Path | None, progress: bool) -> MergeResult:
+    """Thresholds, LiNeS alpha (with a stash), then every tensor into ``sink(key, chunk, start)``."""
     from tqdm.auto import tqdm
 
     global_thr = None
@@ -354,13 +428,25 @@ def execute_plan(
         global_thr = _global_thresholds(plan, progress)
     scales: dict[str, float] = {}
     table = None
+    stash: Checkpoint | None = None
     if plan.lines is not None:
         if plan.lines_alpha is None:
-            plan.lines_alpha = _auto_alpha(plan, global_thr, progress)
+            specs = [(k, plan.base.shape(k), compute_dtype(plan.base.dtype(k))) for k in plan.float_keys]
+            if stash_dir is None:
+                held = {k: torch.empty(s, dtype=d) for k, s, d in specs}
+                plan.lines_alpha = _auto_alpha(
+                    plan, global_thr, progress, lambda k, c, s: held[k].view(-1)[s : s + c.numel()].copy_(c)
+                )
+                stash = open_checkpoint(held)
+            else:
+                stash_dir.mkdir()
+                stash_writer = ShardedSafetensorsWriter(stash_dir, specs, 10**15)
+                plan.lines_alpha = _auto_alpha(plan, global_thr, progress, stash_writer.write)
+                stash_writer.close()
+                stash = open_checkpoint(stash_dir)
         scales = lines_scales(plan.lines_layout, plan.lines_alpha, plan.lines_beta)
         table = lines_table(plan.lines_layout, plan.lines_alpha, plan.lines_beta)
-
-    def produce(sink):
+    try:
         for key in tqdm(
             plan.base.keys(), desc=f"merging ({plan.method.name})", unit="tensor", disable=not progress
         ):
@@ -369,10 +455,18 @@ def execute_plan(
                 sink(key, plan.base.read(key).to(dt), 0)
                 continue
             factor = plan.scale * scales.get(key, 1.0)
-            for start, base, _, merged in _merged_chunks(plan, key, global_thr):
+            if stash is None:
+                chunks = ((s, b, m) for s, b, _, m in _merged_chunks(plan, key, global_thr))
+            else:
+                chunks = _stashed_chunks(plan, stash, key)
+            for start, base, merged in chunks:
                 merged.mul_(factor).add_(base)
                 sink(key, merged.to(dt), start)
-
+    finally:
+        if stash is not None:
+            stash.close()
+        if stash_dir is not None and stash_dir.exists():
+            shutil.rmtree(stash_dir)
     info = {
         "method": plan.method.name,
         "params": plan.params,
@@ -384,28 +478,8 @@ def execute_plan(
         "lines_alpha": plan.lines_alpha,
         "lines_beta": plan.lines_beta,
         "lines_table": table,
-        **dict(record or {}),
     }
-    if out is None:
-        tensors = {k: torch.empty(plan.base.shape(k), dtype=plan.out_dtype(k)) for k in plan.base.keys()}
-
-        def to_memory(key, chunk, start):
-            tensors[key].view(-1)[start : start + chunk.numel()] = chunk
-
-        produce(to_memory)
-        return MergeResult(None, tensors, plan.lines_alpha, plan.lines_beta, table, info)
-    out = Path(out)
-    specs = [(k, plan.base.shape(k), plan.out_dtype(k)) for k in plan.base.keys()]
-    with atomic_directory(out) as tmp:
-        writer = ShardedSafetensorsWriter(
-            tmp, specs, plan.max_shard_bytes, metadata={"format": "pt", "merged_by": "layerwise"}
-        )
-        produce(writer.write)
-        writer.close()
-        if copy_files:
-            _copy_side_files(Path(plan.base.source), tmp)
-        write_json(tmp / "layerwise_merge.json", info)
-    return MergeResult(out, None, plan.lines_alpha, plan.lines_beta, table, info)
+    return MergeResult(None, None, plan.lines_alpha, plan.lines_beta, table, info)
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:

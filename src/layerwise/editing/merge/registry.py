@@ -170,6 +170,12 @@ def register_merge_method(
     if bad:
         raise ValueError(f"inputs must be among {list(_INPUTS)}, got {bad}")
 
+    if "thresholds" in inputs and not any(p.name == "density" and p.per_model for p in params):
+        raise ValueError(
+            "a method with inputs 'thresholds' must declare a per-model 'density' parameter "
+            "(and may declare 'topk': 'tensor' or 'global')"
+        )
+
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         MERGE_METHODS.register(
             name,
