@@ -180,9 +180,11 @@ def test_tiny_unet_forward_backward_shapes_and_monotone_damage(tmp_path):
 def test_hf_patch_encoder_on_tiny_vit():
     config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=1,
                                     num_attention_heads=2, intermediate_size=16)
-    enc = hf_patch_encoder(transformers.ViTModel(config).eval())
-    out = enc(torch.rand(3, 3, 32, 32) * 2 - 1)  # resized to 16 -> 4x4 patches
+    vit = transformers.ViTModel(config).eval()
+    out = hf_patch_encoder(vit)(torch.rand(3, 3, 32, 32) * 2 - 1)  # resized to 16 -> 4x4 patches
     assert out.shape == (3, 4, 4, 8)
+    out = hf_patch_encoder(vit, image_size=24)(torch.rand(3, 3, 32, 32) * 2 - 1)  # interpolated positions
+    assert out.shape == (3, 6, 6, 8)
 
 
 def test_adapter_arguments_are_checked():
@@ -228,9 +230,10 @@ def test_cli_text_and_images_on_saved_tiny_checkpoints(tmp_path):
     out = tmp_path / "img_out"
     assert main(["diffusion", "images", "--pipeline", str(pipe), "--encoder", str(vit), "--timesteps", "10",
                  "40", "--n-images", "2", "--n-trajectories", "2", "--n-inference-steps", "5",
-                 "--out", str(out)]) == 0
+                 "--encoder-size", "24", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["grid"] == [2, 2] and [lv["timestep"] for lv in res["levels"]] == [10, 40]
+    assert res["grid"] == [3, 3]  # 24 px / 8 px patches
+    assert [lv["timestep"] for lv in res["levels"]] == [10, 40]
     # Bad input: one readable error line and exit code 2, not a traceback.
     assert main(["diffusion", "text", "--model", str(bert), "--text", str(text), "--levels", "1.5",
                  "--n-passages", "1", "--length", "16", "--out", str(out)]) == 2

@@ -133,6 +133,7 @@ class _Evil:
         return (os.system, ("touch PWNED_BY_PICKLE",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_pickle_is_refused_and_not_executed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.save({"w": torch.zeros(2), "payload": _Evil()}, tmp_path / "evil.pt")

@@ -47,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--pipeline", required=True,
                    help="diffusers pipeline folder (or hub id) with unet/, scheduler/")
     i.add_argument("--encoder", required=True, help="HF vision model (ViT, DINOv2, CLIP) folder or hub id")
+    i.add_argument("--encoder-size", type=int, default=None,
+                   help="encoder input resolution (default: its config's image_size); grid = size // patch")
     i.add_argument("--timesteps", type=int, nargs="+", required=True, help="forward steps to start from")
     i.add_argument("--images", default=None, help="folder of starting images (default: generate them)")
     i.add_argument("--n-images", type=int, default=16, help="starting images (default 16)")
@@ -87,7 +89,7 @@ def _images(args: argparse.Namespace) -> int:
                      n_images=args.n_images, n_trajectories=args.n_trajectories,
                      n_inference_steps=args.n_inference_steps, scheduler=args.scheduler,
                      batch_size=args.batch_size, seed=args.seed, device=args.device,
-                     trust_remote_code=args.trust_remote_code)
+                     trust_remote_code=args.trust_remote_code, encoder_size=args.encoder_size)
     for lv in res["levels"]:
         print(f"t={lv['timestep']}  change={lv['change_probability']:.4f}  chi={lv['chi']:.3f}  "
               f"xi={lv['xi']:.2f}")

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -207,15 +208,18 @@ def train_dpo(
         }
         settings.update(config_overrides)
         args = DPOConfig(**settings)
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref,
-            args=args,
-            train_dataset=datasets.Dataset.from_list(list(rows)),
-            processing_class=processor,
-        )
-        trainer.remove_callback(PrinterCallback)  # keep stdout clean; the history is returned instead
-        trainer.train()
+        with warnings.catch_warnings():
+            # TRL 1.16 still calls transformers' deprecated is_gradient_checkpointing: not ours to fix
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=ref,
+                args=args,
+                train_dataset=datasets.Dataset.from_list(list(rows)),
+                processing_class=processor,
+            )
+            trainer.remove_callback(PrinterCallback)  # keep stdout clean; the history is returned instead
+            trainer.train()
         history = [dict(h) for h in trainer.state.log_history]
     model.eval()
     return history

@@ -206,8 +206,9 @@ def hf_patch_encoder(
     """Wrap a Hugging Face ViT-style vision model (ViT, DINOv2, CLIP vision, ...) as a patch encoder.
 
     Images in ``input_range`` are mapped to [0, 1], resized to ``image_size`` (default: the model config's),
-    normalized with ``mean``/``std``, encoded; the prefix tokens (CLS, registers) are dropped from
-    ``last_hidden_state`` and the ``k * k`` patch tokens reshaped to (B, k, k, D).
+    normalized with ``mean``/``std``, encoded (with interpolated position embeddings when ``image_size``
+    differs from the config's); the prefix tokens (CLS, registers) are dropped from ``last_hidden_state``
+    and the ``k * k`` patch tokens reshaped to (B, k, k, D), ``k = image_size // patch_size``.
     """
     config = model.config
     size = int(image_size or config.image_size)
@@ -223,7 +224,9 @@ def hf_patch_encoder(
         if x.shape[-2:] != (size, size):
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         x = ((x - mean_t) / std_t).to(param.device, param.dtype)
-        hidden = model(pixel_values=x).last_hidden_state  # (B, n_prefix + k*k, D)
+        # Another resolution than the encoder was trained at: interpolate its position embeddings.
+        extra = {"interpolate_pos_encoding": True} if size != int(config.image_size) else {}
+        hidden = model(pixel_values=x, **extra).last_hidden_state  # (B, n_prefix + k*k, D)
         patches = hidden[:, hidden.shape[1] - k * k :]  # (B, k*k, D): drop CLS / register tokens
         return patches.reshape(patches.shape[0], k, k, patches.shape[-1])  # (B, k, k, D)
 

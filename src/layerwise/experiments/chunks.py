@@ -55,7 +55,7 @@ class Config:
     s: int = 2
     depths: tuple[int, ...] = (4, 6, 8)
     eps_levels: tuple[float, ...] = _grid(0.5, 0.9, 0.04)
-    n_x0: int = 24  # starting data per level
+    n_x0: int = 32  # starting data per level
     n_traj: int = 16  # forward-backward runs per x0
     mask_levels: tuple[float, ...] = _grid(0.05, 0.65, 0.06)  # masking process, at the largest L
     # Fit C(r) ~ r^-a on 1 <= r <= fraction * d: well inside the system, away from the finite-size cutoff

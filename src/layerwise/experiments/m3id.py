@@ -48,7 +48,7 @@ class Config:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     n_train_scenes: int = 3000  # labelled captioning / yes-no training scenes
-    train_steps: int = 800  # AdamW steps of batch_size examples
+    train_steps: int = 1600  # AdamW steps of batch_size examples (POPE is learned only after ~2000)
     batch_size: int = 32
     image_dropout: float = 0.2  # fraction of training examples seen without the image
     hidden: int = 64  # text width of the toy Llava

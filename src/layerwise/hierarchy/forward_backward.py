@@ -312,8 +312,10 @@ def forward_backward(
     keep_trajectories : keep ``x_t``, ``x̂0`` (and the trees) of every run; False keeps only the streamed
         observables (memory ``O(d**2)`` per level).
     batch_size : rows (``x0`` copies times trajectories) denoised per call.
-    executor : optional ``concurrent.futures.Executor`` to run the levels in parallel (e.g. a process
-        pool, ``dask.distributed.Client.get_executor()``); default: in this process.
+    executor : optional ``concurrent.futures.Executor`` to run the levels in parallel, e.g.
+        ``ProcessPoolExecutor(mp_context=multiprocessing.get_context("spawn"))`` (forked workers can
+        deadlock in torch's thread pool) or ``dask.distributed.Client.get_executor()``; default: in this
+        process. Results do not depend on the executor.
     progress : show a tqdm progress bar over levels.
 
     Returns
