@@ -30,8 +30,10 @@ def naive_from_choices(rules: list[list], label: int, digits: list[int], s: int,
 
 
 def naive_iid(rules, n, n_c, m, n_internal, s, L, rng):
-    return [naive_from_choices(rules, rng.randrange(n_c), [rng.randrange(m) for _ in range(n_internal)], s, L)
-            for _ in range(n)]
+    return [
+        naive_from_choices(rules, rng.randrange(n_c), [rng.randrange(m) for _ in range(n_internal)], s, L)
+        for _ in range(n)
+    ]
 
 
 def naive_by_index(rules, n, P_max, n_c, m, n_internal, s, L, rng):
@@ -71,7 +73,9 @@ def main() -> None:
     t_iid = timed(lambda: rhm.sample(args.n, seed=1))
     t_idx = timed(lambda: rhm.sample_distinct(args.n, seed=2))
     t_iid_naive = timed(lambda: naive_iid(rules, args.n_naive, 32, 8, rhm.n_internal, 2, 9, rng))
-    t_idx_naive = timed(lambda: naive_by_index(rules, args.n_naive, rhm.P_max, 32, 8, rhm.n_internal, 2, 9, rng))
+    t_idx_naive = timed(
+        lambda: naive_by_index(rules, args.n_naive, rhm.P_max, 32, 8, rhm.n_internal, 2, 9, rng)
+    )
 
     rows = [
         ("i.i.d.", args.n / t_iid, args.n_naive / t_iid_naive),

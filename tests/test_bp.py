@@ -170,6 +170,53 @@ def test_chunking_does_not_change_results(monkeypatch, params):
     torch.testing.assert_close(full.log_partition, small.log_partition, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_worker_threads_give_identical_results(monkeypatch, threads):
+    """The chunk loop runs on torch.get_num_threads() Python threads; results do not depend on it, and the
+    torch thread setting is restored after the call."""
+    import layerwise.hierarchy.bp as bp
+
+    monkeypatch.setattr(bp, "_CHUNK_ELEMENTS", 64)  # many chunks, so the threads share the work
+    rhm = RHM(6, 4, 3, 2, 4, seed=2)
+    evidence = make_evidence(rhm, "uniform", 0.5, n=9, seed=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref, ref_s = belief_propagation(rhm, evidence), sample_posterior(rhm, evidence, seed=8)
+        torch.set_num_threads(threads)
+        got, got_s = belief_propagation(rhm, evidence), sample_posterior(rhm, evidence, seed=8)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(ref.marginals, got.marginals, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert torch.equal(ref.log_partition, got.log_partition)
+    assert torch.equal(ref_s.tokens, got_s.tokens) and torch.equal(ref_s.labels, got_s.labels)
+
+
+def test_concurrent_calls_from_python_threads(monkeypatch):
+    """BP called from several Python threads at once gives the serial results and leaves torch's thread
+    setting as it found it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import layerwise.hierarchy.bp as bp
+
+    monkeypatch.setattr(bp, "_CHUNK_ELEMENTS", 64)
+    rhm = RHM(6, 4, 3, 2, 4, seed=2)
+    evidences = [make_evidence(rhm, "mask", 0.5, n=6, seed=k) for k in range(6)]
+    want = [belief_propagation(rhm, e).marginals[-1] for e in evidences]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda e: belief_propagation(rhm, e).marginals[-1], evidences))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(want, got, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_deep_tree_is_numerically_stable():
     """L = 10 (1024 leaves) at strong evidence: per-leaf factors would underflow without normalization."""
     rhm = RHM(8, 8, 2, 2, 10, seed=0)

@@ -25,7 +25,9 @@ def test_help_lists_every_job(capsys):
 
 
 def test_python_dash_m_entry_point():
-    res = subprocess.run([sys.executable, "-m", "layerwise", "reproduce", "--list"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "layerwise", "reproduce", "--list"], capture_output=True, text=True
+    )
     assert res.returncode == 0
     for name in EXPERIMENTS.names():
         assert name in res.stdout
@@ -40,7 +42,9 @@ def test_rhm_sample_writes_a_loadable_file(tmp_path, fmt):
 
 
 def test_rhm_sample_bad_input_is_one_clear_line(tmp_path, capsys):
-    code = main(["rhm", "sample", "--v", "4", "--m", "5", "--L", "2", "--n", "3", "--out", str(tmp_path / "x.pt")])
+    code = main(
+        ["rhm", "sample", "--v", "4", "--m", "5", "--L", "2", "--n", "3", "--out", str(tmp_path / "x.pt")]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "must be <= v**s" in err and "Traceback" not in err
@@ -119,3 +123,4 @@ def test_registry_refuses_duplicates_and_lists_valid_names():
         reg.register("a", 2)
     with pytest.raises(ValueError, match="valid names: a"):
         reg.get("b")
+    assert reg.unregister("a") == 1 and "a" not in reg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
@@ -19,6 +20,15 @@ from layerwise.decoding.toy_vlm import (  # noqa: E402
 )
 
 SPEC = SceneSpec()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models: one thread is as fast, and far faster when other jobs share the CPU cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_cli_generate_matches_python_api(tmp_path, capsys):

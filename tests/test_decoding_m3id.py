@@ -36,6 +36,15 @@ SPEC = SceneSpec()
 PROMPTS = ["<image> describe :", "<image> is there a cup ?", "is there <image> a bus ?"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Tiny models: one thread is as fast, and far faster when other jobs share the CPU cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vlm():
     proc = build_processor(SPEC)
@@ -93,7 +102,7 @@ def test_plausibility_cutoff_hand_computed():
     # without the cutoff, token 2 (p_c 0.04 but p_u 0.001) wins: the failure the cutoff prevents
     assert plain[0].argmax() == 2
     out = m3id_scores(lc, lu, 4, lambda_=0.5, alpha=0.6, plausibility=0.1)
-    # row 0 corrected; cutoff 0.1 * 0.5 = 0.05 removes token 2 (0.04); row 1 not corrected (0.9 > 0.6): untouched
+    # row 0 corrected; the cutoff 0.1 * 0.5 = 0.05 removes token 2 (0.04); row 1 (0.9 > 0.6) untouched
     want0 = lc[0] + w * (lc[0] - lu[0])
     want0[2] = -math.inf
     torch.testing.assert_close(out[0], want0)

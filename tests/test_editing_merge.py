@@ -381,7 +381,7 @@ def test_registry_errors_and_custom_method():
         ref = stacked.gather(0, stacked.abs().argmax(0, keepdim=True))[0]
         torch.testing.assert_close(res.tensors[k].double(), base[k].double() + 2 * ref, atol=2e-6, rtol=0)
     finally:
-        MERGE_METHODS._items.pop("test_max_abs")
+        MERGE_METHODS.unregister("test_max_abs")
 
 
 def test_plan_reads_no_tensor_data():

@@ -37,7 +37,7 @@ def naive_enumeration(rhm: RHM) -> set[tuple[int, ...]]:
 def test_enumeration_matches_naive_reference_and_counts_p_max(params):
     rhm = RHM(*params, seed=3)
     data = rhm.enumerate()
-    rows = {(c, *x) for c, x in zip(data.labels.tolist(), data.tokens.tolist())}
+    rows = {(c, *x) for c, x in zip(data.labels.tolist(), data.tokens.tolist(), strict=True)}
     assert len(data) == rhm.P_max
     assert len(rows) == rhm.P_max  # all distinct
     assert rows == naive_enumeration(rhm)
@@ -74,8 +74,8 @@ def test_tree_is_consistent_with_rules():
 
 def test_same_seed_same_rules_and_data_and_different_seed_differs():
     a, b, c = RHM(16, 16, 4, 2, 3, seed=7), RHM(16, 16, 4, 2, 3, seed=7), RHM(16, 16, 4, 2, 3, seed=8)
-    assert all(torch.equal(x, y) for x, y in zip(a.rules, b.rules))
-    assert not all(torch.equal(x, y) for x, y in zip(a.rules, c.rules))
+    assert all(torch.equal(x, y) for x, y in zip(a.rules, b.rules, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a.rules, c.rules, strict=True))
     assert torch.equal(a.sample(100, seed=1).tokens, b.sample(100, seed=1).tokens)
     assert torch.equal(a.sample_distinct(100, seed=2).tokens, b.sample_distinct(100, seed=2).tokens)
     assert not torch.equal(a.sample(100, seed=1).tokens, a.sample(100, seed=2).tokens)
@@ -195,8 +195,8 @@ def test_dataset_file_roundtrip(tmp_path, suffix):
     data = rhm.sample(64, seed=3)
     path = save_dataset(tmp_path / f"data{suffix}", rhm, data)
     rhm2, data2 = load_dataset(path)
-    assert all(torch.equal(a, b) for a, b in zip(rhm.rules, rhm2.rules))
-    assert all(torch.equal(a, b) for a, b in zip(data.tree, data2.tree))
+    assert all(torch.equal(a, b) for a, b in zip(rhm.rules, rhm2.rules, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(data.tree, data2.tree, strict=True))
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary left behind
 
 
@@ -229,3 +229,9 @@ def test_first_occurrences_against_python_reference():
     assert _first_occurrences(rows, weights).tolist() == expected
     # A degenerate hash (all weights zero) collides everywhere and must fall back to exact comparison.
     assert _first_occurrences(rows, torch.zeros(4, dtype=torch.long)).tolist() == expected
+
+
+def test_empty_batches():
+    rhm = RHM(4, 4, 2, 2, 3, seed=0)
+    for batch in (rhm.sample(0), rhm.sample_distinct(0), rhm.from_index([])):
+        assert len(batch) == 0 and batch.tokens.shape == (0, rhm.d)

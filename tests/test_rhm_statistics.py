@@ -40,9 +40,11 @@ def test_fluctuations_shrink_by_sqrt_m_per_level():
     v, m = 64, 8
     sigmas = []
     for L in (2, 3, 4, 5):
-        values = [relative_fluctuation(ancestor_distributions(RHM(v, v, m, 2, L, seed=k))[-1]) for k in range(4)]
+        values = [
+            relative_fluctuation(ancestor_distributions(RHM(v, v, m, 2, L, seed=k))[-1]) for k in range(4)
+        ]
         sigmas.append(sum(values) / len(values))
-    for a, b in zip(sigmas, sigmas[1:]):
+    for a, b in zip(sigmas, sigmas[1:], strict=False):
         assert a / b == pytest.approx(math.sqrt(m), rel=0.1)
     # And the level-one size follows from m distinct first children out of v: sigma^2 ~ v/m.
     assert sigmas[0] == pytest.approx(math.sqrt(v / m), rel=0.15)

@@ -20,8 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--s", type=int, default=2, help="tuple size (default 2)")
     s.add_argument("--L", type=int, required=True, help="depth; inputs have s**L tokens")
     s.add_argument("--n", type=int, required=True, help="number of data")
-    s.add_argument("--mode", choices=("iid", "distinct"), default="distinct",
-                   help="i.i.d. draws, or distinct data by enumeration index (default)")
+    s.add_argument(
+        "--mode",
+        choices=("iid", "distinct"),
+        default="distinct",
+        help="i.i.d. draws, or distinct data by enumeration index (default)",
+    )
     s.add_argument("--rules-seed", type=int, default=0, help="seed of the grammar")
     s.add_argument("--seed", type=int, default=1, help="seed of the data")
     s.add_argument("--out", required=True, help="output file, .pt or .npz")
@@ -35,8 +39,14 @@ def _sample(args: argparse.Namespace) -> int:
     from ..hierarchy import RHM
     from ..hierarchy.datafile import save_dataset
 
-    rhm = RHM(args.v, args.n_c if args.n_c is not None else args.v, args.m, args.s, args.L, seed=args.rules_seed)
-    data = rhm.sample(args.n, seed=args.seed) if args.mode == "iid" else rhm.sample_distinct(args.n, seed=args.seed)
+    rhm = RHM(
+        args.v, args.n_c if args.n_c is not None else args.v, args.m, args.s, args.L, seed=args.rules_seed
+    )
+    data = (
+        rhm.sample(args.n, seed=args.seed)
+        if args.mode == "iid"
+        else rhm.sample_distinct(args.n, seed=args.seed)
+    )
     path = save_dataset(args.out, rhm, data)
     print(f"wrote {len(data)} data of {rhm} (P_max={rhm.P_max}) to {path}")
     return 0
@@ -58,9 +68,12 @@ def _add_denoise_parser(rsub: argparse._SubParsersAction) -> None:
     d.add_argument("data", metavar="DATA", help="data file written by `layerwise rhm sample` (.pt or .npz)")
     # Not argparse choices: the library's registry checks the name (and lists valid ones), so processes
     # registered by users work here too, and --help does not import torch.
-    d.add_argument("--process", required=True,
-                   help="registered noise process: eps (theory process, evidence from the clean token), "
-                        "uniform (resampling) or mask (absorbing)")
+    d.add_argument(
+        "--process",
+        required=True,
+        help="registered noise process: eps (theory process, evidence from the clean token), "
+        "uniform (resampling) or mask (absorbing)",
+    )
     d.add_argument("--level", type=float, required=True, help="noise level in [0, 1]")
     d.add_argument("--seed", type=int, default=0, help="seed of the noise and of the posterior draws")
     d.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="BP precision")

@@ -2,7 +2,8 @@
 
 Command::
 
-    layerwise reproduce m3id --scale quick --out results    # ~3-4 min on a 2-core laptop (3 seeds)
+    layerwise reproduce m3id --scale quick --out results    # ~3.5 min on a shared 2-core CPU (3 seeds)
+    layerwise reproduce m3id --scale full --out results     # 5 seeds x 6000 steps: ~30-40 min (estimate)
 
 For each seed, a tiny Llava (:mod:`layerwise.decoding.toy_vlm`) is trained from scratch on synthetic scenes
 whose captions carry a co-occurrence bias (``fork -> cup``, ``bus -> car``, ``kite -> bird``; the second
@@ -22,8 +23,15 @@ seeds, whatever it shows.
 
 Paper (Favero et al., CVPR 2024): on LLaVA 13B, M3ID cuts hallucinated objects by 25% and M3ID + DPO by 28%
 in captioning; POPE accuracy +21% / +24%. A third-party LLaVA-1.5 run: CHAIR_s/CHAIR_i 26.2/9.4 -> 21.4/6.3.
-On this toy with short captions (t <= 6 tokens) the paper's lambda = 0.02 gives weights below 0.13, so
-the default setting changes almost nothing; larger lambda trades hallucination against Cover.
+
+What we measured (quick scale, 3 seeds, mean ± std): greedy CHAIR_s 0.39 ± 0.03, CHAIR_i 0.19 ± 0.02, Cover
+0.87 ± 0.03; the paper's defaults change nothing here (captions are <= 6 tokens, so the weight
+exp(0.02 t) - 1 stays below 0.13 and the gate max p < 0.3 rarely opens); larger lambda trades Cover for
+little or no CHAIR gain and, with t0 = 5 on yes/no questions, destroys the answer format (weights up to
+exp(5 lambda) - 1); lambda = 1 with VCD's plausibility cutoff 0.1 gives CHAIR_s 0.36 ± 0.02, CHAIR_i 0.18 ±
+0.02, Cover 0.84 ± 0.04 (a small gain within about one standard deviation); M3ID + DPO does not move
+greedy decoding (CHAIR_s 0.40 ± 0.03). POPE accuracy is about 0.60 at quick scale: the yes/no task is only
+learned after ~2000 steps. See docs/readme/m3id.md for the numbers after longer training.
 """
 
 from __future__ import annotations
@@ -354,10 +362,9 @@ EXPERIMENTS.register(
             "full": Config(
                 seeds=(0, 1, 2, 3, 4),
                 n_train_scenes=20000,
-                train_steps=8000,
-                hidden=128,
+                train_steps=6000,
                 n_test_scenes=1000,
-                n_dpo_images=2000,
+                n_dpo_images=1000,
             ),
         },
         description="M3ID vs greedy vs M3ID+DPO on a toy Llava: CHAIR, Cover, POPE over seeds",

@@ -60,8 +60,17 @@ def _enumeration_check(instance: tuple[int, ...], seed: int) -> dict:
         counted = empirical_tuple_class_frequencies(data, v, n_c, s, patch=patch)
         exact = tuple_class_frequencies(rhm, patch=patch)
         worst = max(worst, float((counted - exact).abs().max()))
-    return {"v": v, "n_c": n_c, "m": m, "s": s, "L": L, "P_max": rhm.P_max, "n_distinct": n_distinct,
-            "all_distinct": n_distinct == rhm.P_max, "max_abs_freq_error": worst}
+    return {
+        "v": v,
+        "n_c": n_c,
+        "m": m,
+        "s": s,
+        "L": L,
+        "P_max": rhm.P_max,
+        "n_distinct": n_distinct,
+        "all_distinct": n_distinct == rhm.P_max,
+        "max_abs_freq_error": worst,
+    }
 
 
 def _fluctuation_rows(config: Config) -> list[dict]:
@@ -75,8 +84,17 @@ def _fluctuation_rows(config: Config) -> list[dict]:
         mean = sum(sigmas) / len(sigmas)
         spread = (sum((x - mean) ** 2 for x in sigmas) / max(1, len(sigmas) - 1)) ** 0.5
         prediction = math.sqrt(v / m**L)
-        rows.append({"v": v, "m": m, "L": L, "sigma": mean, "sigma_std": spread,
-                     "prediction_sqrt_v_over_mL": prediction, "ratio": mean / prediction})
+        rows.append(
+            {
+                "v": v,
+                "m": m,
+                "L": L,
+                "sigma": mean,
+                "sigma_std": spread,
+                "prediction_sqrt_v_over_mL": prediction,
+                "ratio": mean / prediction,
+            }
+        )
     return rows
 
 
@@ -90,7 +108,7 @@ def _fit_exponent(rows: list[dict]) -> float:
         xs = [r["L"] * math.log(r["m"]) for r in group]
         ys = [math.log(r["sigma"]) for r in group]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        num += sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+        num += sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
         den += sum((x - mx) ** 2 for x in xs)
     return num / den if den else float("nan")
 
@@ -102,17 +120,34 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (v, m) in sorted({(r["v"], r["m"]) for r in rows}):
+    for v, m in sorted({(r["v"], r["m"]) for r in rows}):
         group = sorted((r for r in rows if (r["v"], r["m"]) == (v, m)), key=lambda r: r["L"])
         x = [r["prediction_sqrt_v_over_mL"] for r in group]
-        axes[0].errorbar(x, [r["sigma"] for r in group], yerr=[r["sigma_std"] for r in group],
-                         marker="o", label=f"v={v}, m={m}")
-        axes[1].plot([r["L"] for r in group], [r["ratio"] / math.sqrt(m) for r in group], marker="o",
-                     label=f"v={v}, m={m}")
-    lim = [min(r["prediction_sqrt_v_over_mL"] for r in rows), max(r["prediction_sqrt_v_over_mL"] for r in rows)]
+        axes[0].errorbar(
+            x,
+            [r["sigma"] for r in group],
+            yerr=[r["sigma_std"] for r in group],
+            marker="o",
+            label=f"v={v}, m={m}",
+        )
+        axes[1].plot(
+            [r["L"] for r in group],
+            [r["ratio"] / math.sqrt(m) for r in group],
+            marker="o",
+            label=f"v={v}, m={m}",
+        )
+    lim = [
+        min(r["prediction_sqrt_v_over_mL"] for r in rows),
+        max(r["prediction_sqrt_v_over_mL"] for r in rows),
+    ]
     axes[0].plot(lim, lim, "k--", lw=1, label="sigma = sqrt(v/m^L)")
-    axes[0].set(xscale="log", yscale="log", xlabel="sqrt(v / m^L)", ylabel="relative fluctuation sigma",
-                title="class-conditional tuple frequencies (exact)")
+    axes[0].set(
+        xscale="log",
+        yscale="log",
+        xlabel="sqrt(v / m^L)",
+        ylabel="relative fluctuation sigma",
+        title="class-conditional tuple frequencies (exact)",
+    )
     axes[1].axhline(1.0, color="k", ls="--", lw=1)
     axes[1].set(xlabel="L", ylabel="sigma / sqrt(v / m^(L-1))", title="collapse", ylim=(0, 1.6))
     axes[0].legend(fontsize=7)
@@ -133,8 +168,10 @@ def run(config: Config, out: Path) -> dict:
         "max_enumeration_vs_exact_error": max(c["max_abs_freq_error"] for c in checks),
         "fitted_exponent_sigma_vs_mL": round(exponent, 4),
         "expected_exponent": -0.5,
-        "sigma_over_sqrt_v_mL_range": [round(min(r["ratio"] for r in rows), 3),
-                                       round(max(r["ratio"] for r in rows), 3)],
+        "sigma_over_sqrt_v_mL_range": [
+            round(min(r["ratio"] for r in rows), 3),
+            round(max(r["ratio"] for r in rows), 3),
+        ],
         "sigma_over_sqrt_v_mLminus1_mean": round(sum(collapse) / len(collapse), 3),
     }
     write_json(out / "results.json", {"summary": summary, "enumeration": checks, "fluctuations": rows})
@@ -150,7 +187,10 @@ EXPERIMENTS.register(
             "quick": Config(),
             "full": Config(
                 enumerate_instances=((8, 8, 2, 2, 3), (6, 4, 3, 3, 2), (4, 4, 2, 2, 4), (8, 4, 2, 3, 2)),
-                vs=(16, 32, 64), ms=(2, 4, 8, 16), Ls=(2, 3, 4, 5, 6, 7), n_seeds=10,
+                vs=(16, 32, 64),
+                ms=(2, 4, 8, 16),
+                Ls=(2, 3, 4, 5, 6, 7),
+                n_seeds=10,
             ),
         },
         description="RHM enumeration checks and class-tuple correlations vs sqrt(v/m^L)",

@@ -21,14 +21,19 @@ the ``(n_parents * m, nodes)`` temporaries are processed in cache-sized chunks o
 messages of all levels plus the outputs, ``O(N * d * v)``. Messages are normalized at every node and the
 log scales are accumulated into ``log_partition``, so nothing underflows at any depth.
 
-Many small tensor operations run per level: on a CPU shared with other jobs, OpenMP spin-waiting can make
-multi-threaded runs much slower than one thread; use ``torch.set_num_threads(1)`` or
-``OMP_WAIT_POLICY=PASSIVE`` there.
+Threads (CPU): the many small per-chunk operations are spread over ``torch.get_num_threads()`` Python
+threads while torch's own intra-op parallelism is set to 1 for the duration of the call (and restored
+after): with OpenMP parallelism per operation, barrier spin-waiting made 2-thread runs 5-10x slower than
+one thread on a CPU shared with other jobs. Results do not depend on the number of threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +115,74 @@ def _chunks(cols: int, width: int, align: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, cols)) for start in range(0, cols, step)]
 
 
+class _IntraOpGuard:
+    """Sets torch's intra-op threads to 1 while any BP call is in flight (calls may overlap from several
+    Python threads); the first call in saves the user's setting and the last one out restores it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+        self._saved = 1
+
+    def threads(self) -> int:
+        """The user's thread count (the saved one while calls are in flight)."""
+        with self._lock:
+            return self._saved if self._active else torch.get_num_threads()
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._active == 0:
+                self._saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._active == 0:
+                torch.set_num_threads(self._saved)
+
+
+_intra_op = _IntraOpGuard()
+
+
+_RunChunks = Callable[[Callable[[int, int], None], list[tuple[int, int]]], None]
+
+
+@contextlib.contextmanager
+def _chunk_runner(device: torch.device) -> Iterator[_RunChunks]:
+    """Yield ``run(fn, ranges)``, which calls ``fn(start, stop)`` for every range.
+
+    On the CPU with ``k = torch.get_num_threads() > 1``, the chunks are spread over k Python threads while
+    torch's intra-op parallelism is set to 1 for the call (restored after): a chunk's small operations
+    release the GIL, so the threads run in parallel without an OpenMP barrier per operation -- thousands of
+    those barriers made multi-threaded runs 5-10x slower than one thread on a CPU shared with other jobs.
+    Each ``fn`` writes a disjoint slice of the outputs.
+    """
+    workers = _intra_op.threads() if device.type == "cpu" else 1
+    if workers <= 1:
+
+        def run_serial(fn: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
+            for start, stop in ranges:
+                fn(start, stop)
+
+        yield run_serial
+        return
+    _intra_op.enter()
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layerwise-bp") as pool:
+
+            def run_pool(fn: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
+                for future in [pool.submit(fn, start, stop) for start, stop in ranges]:
+                    future.result()  # re-raises a worker's exception here
+
+            yield run_pool
+    finally:
+        _intra_op.leave()
+
+
+
+
 def _flat_rules(table: torch.Tensor) -> torch.Tensor:
     """(n_parents, m, s) -> (s, n_parents * m): ``R[a, r, i]`` flattened over ``(a, r)``, per child i."""
     n_parents, m, s = table.shape
@@ -157,28 +230,33 @@ def _upward(rhm: RHM, evidence: torch.Tensor) -> tuple[list[torch.Tensor], torch
     split = evidence.reshape(-1, s, rhm.v).permute(1, 2, 0).contiguous()
     log_z = _normalize_(split, 1).view(s, n, rhm.d // s).sum((0, 2))  # (N,)
     messages = [split]
-    for level in range(rhm.L - 1, -1, -1):
-        table = rhm.rules[level]  # (n_parents, m, s)
-        n_parents = table.shape[0]
-        flat = _flat_rules(table).to(device)
-        cols = n * s**level
-        if level > 0:
-            out = torch.empty(s, n_parents, cols // s, dtype=dtype, device=device)
-            out_cols = out.permute(1, 2, 0)  # (n_parents, cols / s, s) view; (n, k) -> [:, k // s, k % s]
-        else:
-            out = torch.empty(n_parents, cols, dtype=dtype, device=device)  # the root: (n_c, N)
-        log_c = torch.empty(cols, dtype=dtype, device=device)
-        for start, stop in _chunks(cols, n_parents * m, s if level > 0 else 1):
-            prod = _rule_products(split, flat, start, stop)  # (n_parents * m, c)
-            up = prod.view(n_parents, m, -1).sum(1)  # sum over rules r: (n_parents, c)
-            log_c[start:stop] = _normalize_(up, 0)
+    with _chunk_runner(device) as run:
+        for level in range(rhm.L - 1, -1, -1):
+            table = rhm.rules[level]  # (n_parents, m, s)
+            n_parents = table.shape[0]
+            flat = _flat_rules(table).to(device)
+            cols = n * s**level
             if level > 0:
-                out_cols[:, start // s : stop // s] = up.view(n_parents, -1, s)
+                out = torch.empty(s, n_parents, cols // s, dtype=dtype, device=device)
+                out_cols = out.permute(1, 2, 0)  # (n_parents, cols / s, s) view; (n, k) -> [:, k // s, k % s]
             else:
-                out[:, start:stop] = up
-        log_z = log_z + log_c.view(n, s**level).sum(1)
-        messages.insert(0, out)
-        split = out
+                out = out_cols = torch.empty(n_parents, cols, dtype=dtype, device=device)  # root: (n_c, N)
+            log_c = torch.empty(cols, dtype=dtype, device=device)
+
+            def up_chunk(start: int, stop: int, split=split, flat=flat, out_cols=out_cols, log_c=log_c,
+                         n_parents=n_parents, level=level) -> None:
+                prod = _rule_products(split, flat, start, stop)  # (n_parents * m, c)
+                up = prod.view(n_parents, m, -1).sum(1)  # sum over rules r: (n_parents, c)
+                log_c[start:stop] = _normalize_(up, 0)
+                if level > 0:
+                    out_cols[:, start // s : stop // s] = up.view(n_parents, -1, s)
+                else:
+                    out_cols[:, start:stop] = up
+
+            run(up_chunk, _chunks(cols, n_parents * m, s if level > 0 else 1))
+            log_z = log_z + log_c.view(n, s**level).sum(1)
+            messages.insert(0, out)
+            split = out
     # Prior: Z = (1/n_c) sum_c u_0(c) prod (1/m) over internal nodes; sum_c u_0(c) = 1 or 0 (impossible).
     log_z = log_z + messages[0].sum(0).log()
     log_z = log_z - rhm.n_internal * math.log(m) - math.log(rhm.n_c)
@@ -238,44 +316,51 @@ def belief_propagation(rhm: RHM, evidence: torch.Tensor, dtype: torch.dtype = to
     impossible = torch.isneginf(log_z)
     # Uniform class prior: P(c | e) ∝ u_0(c), already normalized (zeros for impossible evidence).
     marginals = [_to_public(messages[0], n, 0)]  # (N, 1, n_c)
-    for level in range(rhm.L):
-        table = rhm.rules[level]  # (n_parents, m, s)
-        n_parents = table.shape[0]
-        flat = _flat_rules(table).to(device)
-        cols = n * s**level
-        children = messages[level + 1]  # (s, v, cols)
-        messages[level + 1] = None  # let the upward message go as soon as it is used: peak memory
-        # Parent marginals as (n_parents, cols) -- a view of the public (N, s**level, n_parents) tensor.
-        parent = marginals[level].view(cols, n_parents).t()
-        out = torch.empty(n, s ** (level + 1), rhm.v, dtype=dtype, device=device)  # public marginals
-        out_split = out.view(cols, s, rhm.v).permute(1, 2, 0)  # (s, v, cols) view of it
-        for start, stop in _chunks(cols, n_parents * m, 1):
-            prod = _rule_products(children, flat, start, stop).view(n_parents, m, -1)  # (n_parents, m, c)
-            norm = prod.sum(1)  # (n_parents, c): sum_r' prod_i u_i(R[a, r', i])
-            p_parent = parent[:, start:stop]
-            ratio = torch.where(norm > 0, p_parent / torch.where(norm > 0, norm, 1.0), 0.0)
-            joint = (prod * ratio.unsqueeze(1)).view(n_parents * m, -1)  # P(a, r | e): (n_parents * m, c)
-            chunk = torch.zeros(s, rhm.v, stop - start, dtype=dtype, device=device)
-            for i in range(s):
-                chunk[i].index_add_(0, flat[i], joint)  # P(child_i = b | e) = sum_{a, r: R[a, r, i] = b}
-            _normalize_(chunk, 1)  # sums are 1 up to round-off
-            out_split[:, :, start:stop] = chunk
-        del children
-        marginals.append(out)
+    with _chunk_runner(device) as run:
+        for level in range(rhm.L):
+            table = rhm.rules[level]  # (n_parents, m, s)
+            n_parents = table.shape[0]
+            flat = _flat_rules(table).to(device)
+            cols = n * s**level
+            children = messages[level + 1]  # (s, v, cols)
+            messages[level + 1] = None  # let the upward message go as soon as it is used: peak memory
+            # Parent marginals as (n_parents, cols) -- a view of the public (N, s**level, n_parents) tensor.
+            parent = marginals[level].view(cols, n_parents).t()
+            out = torch.empty(n, s ** (level + 1), rhm.v, dtype=dtype, device=device)  # public marginals
+            out_split = out.view(cols, s, rhm.v).permute(1, 2, 0)  # (s, v, cols) view of it
+
+            def down_chunk(start: int, stop: int, children=children, flat=flat, parent=parent,
+                           out_split=out_split, n_parents=n_parents) -> None:
+                prod = _rule_products(children, flat, start, stop).view(n_parents, m, -1)  # (n_par, m, c)
+                norm = prod.sum(1)  # (n_parents, c): sum_r' prod_i u_i(R[a, r', i])
+                p_parent = parent[:, start:stop]
+                ratio = torch.where(norm > 0, p_parent / torch.where(norm > 0, norm, 1.0), 0.0)
+                joint = (prod * ratio.unsqueeze(1)).view(n_parents * m, -1)  # P(a, r | e): (n_par * m, c)
+                chunk = torch.zeros(s, rhm.v, stop - start, dtype=dtype, device=device)
+                for i in range(s):
+                    chunk[i].index_add_(0, flat[i], joint)  # P(child_i = b | e) = sum_{a,r: R[a,r,i] = b}
+                _normalize_(chunk, 1)  # sums are 1 up to round-off
+                out_split[:, :, start:stop] = chunk
+
+            run(down_chunk, _chunks(cols, n_parents * m, 1))
+            del children
+            marginals.append(out)
     if impossible.any():
         marginals = [torch.where(impossible.view(-1, 1, 1), torch.nan, p) for p in marginals]
     return BPResult(marginals=tuple(marginals), log_partition=log_z)
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One draw per row of unnormalized nonnegative ``weights`` (..., k) -> (...) long."""
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row of nonnegative ``weights`` (..., k), given uniforms ``u`` (...): (...) long."""
     cdf = weights.cumsum(-1)  # (..., k)
-    # Uniforms come from the CPU generator whatever the device, so a seed gives the same draws everywhere.
-    u = torch.rand(weights.shape[:-1], generator=generator, dtype=weights.dtype).to(weights.device)
-    u = u * cdf[..., -1]
-    idx = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1), right=True).squeeze(-1)
     return idx.clamp_(max=weights.shape[-1] - 1)
+
+
+def _uniforms(shape: tuple[int, ...], generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniforms from the CPU generator whatever the device, so a seed gives the same draws everywhere."""
+    return torch.rand(shape, generator=generator, dtype=like.dtype).to(like.device)
 
 
 def sample_posterior(
@@ -322,20 +407,32 @@ def sample_posterior(
         rows = torch.nonzero(impossible).flatten()[:10].tolist()
         raise ValueError(f"evidence has probability zero under the RHM for rows {rows} (first 10 shown)")
     n, s, m = evidence.shape[0], rhm.s, rhm.m
-    labels = _inverse_cdf(messages[0].t(), gen)  # (N,): P(c | e) ∝ u_0(c)
-    symbols = labels.view(n, 1)  # (N, 1)
-    tree, choices = [symbols], []
-    for level in range(rhm.L):
-        table = rhm.rules[level].to(evidence.device)  # (n_parents, m, s)
-        nodes = s**level
-        kids = table[symbols]  # (N, nodes, m, s): the children of every rule of the sampled symbols
-        # u_i(R[a, r, i]) from the split (s, v, N * nodes) messages: gather along v.
-        index = kids.permute(3, 2, 0, 1).reshape(s, m, n * nodes)  # (s, m, N * nodes)
-        picked = torch.gather(messages[level + 1], 1, index)  # (s, m, N * nodes)
-        weights = picked.prod(0).t().reshape(n, nodes, m)  # (N, nodes, m)
-        choice = _inverse_cdf(weights, gen)  # (N, nodes)
-        choices.append(choice)
-        symbols = torch.gather(kids, 2, choice.view(n, nodes, 1, 1).expand(n, nodes, 1, s))
-        symbols = symbols.reshape(n, nodes * s)  # (N, s**(level+1))
-        tree.append(symbols)
+    labels = _inverse_cdf(messages[0].t(), _uniforms((n,), gen, messages[0]))  # (N,): P(c | e) ∝ u_0(c)
+    tree, choices = [labels.view(n, 1)], []
+    with _chunk_runner(evidence.device) as run:
+        for level in range(rhm.L):
+            table = rhm.rules[level].to(evidence.device)  # (n_parents, m, s)
+            nodes = s**level
+            u = _uniforms((n, nodes), gen, messages[0])  # drawn for the whole level: chunking-independent
+            parents, child_up = tree[-1], messages[level + 1]  # (N, nodes), split (s, v, N * nodes)
+            choice = torch.empty(n, nodes, dtype=torch.long, device=evidence.device)
+            symbols = torch.empty(n, nodes * s, dtype=torch.long, device=evidence.device)
+
+            def draw_rows(start: int, stop: int, table=table, nodes=nodes, u=u, parents=parents,
+                          child_up=child_up, choice=choice, symbols=symbols) -> None:
+                rows = stop - start
+                kids = table[parents[start:stop]]  # (rows, nodes, m, s): children of every rule of a symbol
+                # u_i(R[a, r, i]): gather the split messages of these rows' nodes along v.
+                index = kids.permute(3, 2, 0, 1).reshape(s, m, rows * nodes)  # (s, m, rows * nodes)
+                block = child_up[:, :, start * nodes : stop * nodes]  # (s, v, rows * nodes)
+                picked = torch.gather(block, 1, index)  # (s, m, rows * nodes)
+                weights = picked.prod(0).t().reshape(rows, nodes, m)  # (rows, nodes, m)
+                chosen = _inverse_cdf(weights, u[start:stop])  # (rows, nodes)
+                choice[start:stop] = chosen
+                picked_kids = torch.gather(kids, 2, chosen.view(rows, nodes, 1, 1).expand(rows, nodes, 1, s))
+                symbols[start:stop] = picked_kids.reshape(rows, nodes * s)  # (rows, s**(level+1))
+
+            run(draw_rows, _chunks(n, nodes * m * s, 1))
+            choices.append(choice)
+            tree.append(symbols)
     return RHMSample(labels=labels, tree=tuple(tree), choices=tuple(choices))

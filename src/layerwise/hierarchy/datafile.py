@@ -1,8 +1,9 @@
 """Save and load RHM data sets (.pt or .npz) together with the rules that generated them.
 
 A file holds the parameters, the rule tables, the labels, the input tokens and the rule choices, so the
-full latent tree can be rebuilt (and is checked against the stored tokens on load). ``.pt`` files are read
-with ``torch.load(weights_only=True)`` and ``.npz`` files with ``allow_pickle=False``: loading never runs code.
+full latent tree can be rebuilt (and is checked against the stored tokens on load). ``.pt`` files are
+read with ``torch.load(weights_only=True)`` and ``.npz`` files with ``allow_pickle=False``: loading never
+runs code.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def save_dataset(path: str | os.PathLike, rhm: RHM, sample: RHMSample) -> Path:
 
 
 def load_dataset(path: str | os.PathLike) -> tuple[RHM, RHMSample]:
-    """Read a file written by :func:`save_dataset`; returns the RHM (its rules) and the sample with its tree."""
+    """Read a file written by :func:`save_dataset`: the RHM (its rules) and the sample with its tree."""
     path = Path(path)
     suffix = _check_suffix(path)
     if not path.is_file():
@@ -63,7 +64,7 @@ def load_dataset(path: str | os.PathLike) -> tuple[RHM, RHMSample]:
     missing = [k for k in ("params", "labels", "tokens", "rules_0", "choices_0") if k not in arrays]
     if missing:
         raise ValueError(f"{str(path)!r} is not a layerwise RHM data file (missing {missing})")
-    params = dict(zip(_PARAMS, arrays["params"].tolist()))
+    params = dict(zip(_PARAMS, arrays["params"].tolist(), strict=True))
     rules = [arrays[f"rules_{level}"].long() for level in range(params["L"])]
     rhm = RHM(**params, rules=rules)
     choices = [arrays[f"choices_{level}"].long() for level in range(params["L"])]

@@ -115,7 +115,9 @@ def sample_rules(
     return tuple(rules)
 
 
-def one_hot(tokens: torch.Tensor, v: int, whiten: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def one_hot(
+    tokens: torch.Tensor, v: int, whiten: bool = False, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Channels-first one-hot encoding: (N, d) long -> (N, v, d).
 
     With ``whiten=True`` returns ``(x - 1/v) / sqrt(1 - 1/v)``: zero mean and unit variance per entry
@@ -238,7 +240,7 @@ class RHM:
             parents = tree[-1]  # (N, s**l)
             chosen = choices[level]  # (N, s**l)
             children = table[parents, chosen]  # (N, s**l, s)
-            tree.append(children.reshape(n, -1))  # (N, s**(l+1))
+            tree.append(children.reshape(n, self.s ** (level + 1)))  # (N, s**(l+1))
         return RHMSample(labels=labels, tree=tuple(tree), choices=tuple(choices))
 
     def _split_digits(self, digits: torch.Tensor) -> list[torch.Tensor]:
@@ -271,7 +273,9 @@ class RHM:
         rests = [i % per_class for i in idx]
         n_limbs = max(1, (per_class.bit_length() + 29) // 30)
         mask = (1 << 30) - 1
-        limbs = torch.tensor([[(r >> (30 * k)) & mask for k in range(n_limbs)] for r in rests], dtype=torch.long)
+        limbs = torch.tensor(
+            [[(r >> (30 * k)) & mask for k in range(n_limbs)] for r in rests], dtype=torch.long
+        )
         limbs = limbs.reshape(len(rests), n_limbs)  # (N, n_limbs), least significant limb first
         digits = torch.empty(len(rests), self.n_internal, dtype=torch.long)
         for k in range(self.n_internal - 1, -1, -1):
@@ -305,7 +309,7 @@ class RHM:
         return self.from_choices(labels, self._split_digits(digits))
 
     def index_of(self, sample: RHMSample) -> list[int]:
-        """Enumeration indices (exact Python ints) of the data in ``sample``; inverse of :meth:`from_index`."""
+        """Enumeration indices (exact Python ints) of the data in ``sample``; inverts :meth:`from_index`."""
         digits = torch.cat(list(sample.choices), dim=1)  # (N, n_internal)
         if self.P_max <= _INT64_SAFE:
             idx = sample.labels.clone()
@@ -313,7 +317,7 @@ class RHM:
                 idx = idx * self.m + digits[:, k]
             return idx.tolist()
         out = []
-        for label, row in zip(sample.labels.tolist(), digits.tolist()):
+        for label, row in zip(sample.labels.tolist(), digits.tolist(), strict=True):
             value = label
             for digit in row:
                 value = value * self.m + digit
@@ -362,7 +366,9 @@ class RHM:
         return self.from_index(torch.arange(self.P_max))
 
     # ------------------------------------------------------------------ synonymic exchanges
-    def resample_level(self, sample: RHMSample, level: int, seed: int | torch.Generator | None = 0) -> RHMSample:
+    def resample_level(
+        self, sample: RHMSample, level: int, seed: int | torch.Generator | None = 0
+    ) -> RHMSample:
         """The synonymic exchange ``P_l``: keep the symbols at levels ``<= level`` and re-draw every rule
         choice from ``level`` down, regenerating everything below (``level`` in ``[0, L-1]``)."""
         level = check_int("level", level, low=0, high=self.L - 1)

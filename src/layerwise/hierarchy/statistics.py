@@ -5,8 +5,9 @@ s-tuple deviates from its class average by a relative amount that shrinks geomet
 paper's estimate is ``sqrt(v / m**L)``); a network can detect it once the sampling noise ``sqrt(v n_c / P)``
 falls below it, i.e. at ``P ~ n_c m**L``.
 
-Exact frequencies follow the ancestors of one patch: the symbol above the patch at level ``l + 1`` is drawn
-from the symbol at level ``l`` through the transfer matrix ``M_l[a, b] = #{rules r of a with child_i = b} / m``
+Exact frequencies follow the ancestors of one patch: the symbol above the patch at level ``l + 1`` is
+drawn from the symbol at level ``l`` through the transfer matrix
+``M_l[a, b] = #{rules r of a with child_i = b} / m``
 (``i`` the child position on the path), so the class-conditional distributions are products of these
 matrices. Because no tuple has two parents, the patch frequency is that of its parent divided by ``m``.
 """
@@ -34,7 +35,9 @@ def _path_children(rhm: RHM, patch: int) -> list[int]:
     return [(patch // rhm.s ** (rhm.L - 2 - k)) % rhm.s for k in range(rhm.L - 1)]
 
 
-def ancestor_distributions(rhm: RHM, patch: int = 0, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+def ancestor_distributions(
+    rhm: RHM, patch: int = 0, dtype: torch.dtype = torch.float64
+) -> list[torch.Tensor]:
     """Exact class-conditional distributions of the ancestors of input patch ``patch``.
 
     Returns a list of ``L`` tensors; entry ``l`` is ``(n_c, n_l)``: the probability that the level-``l``

@@ -24,7 +24,7 @@ Adding a method
 ...     return scale * deltas.median(dim=0).values  # (T, n) -> (n,)
 >>> MERGE_METHODS.get("median_demo").fn(torch.tensor([[1.0], [3.0], [2.0]]), scale=1.0)
 tensor([2.])
->>> _ = MERGE_METHODS._items.pop("median_demo")  # (keep the doctest from registering it for good)
+>>> _ = MERGE_METHODS.unregister("median_demo")  # (keep the doctest from registering it for good)
 """
 
 from __future__ import annotations
