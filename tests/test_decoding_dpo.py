@@ -157,4 +157,7 @@ def test_m3id_experiment_end_to_end(tmp_path):
                 method,
                 key,
             )
-    assert "greedy:chair_s" in summary
+    assert summary["greedy:chair_s"] == pytest.approx(
+        results["aggregate"]["greedy"]["chair_s"]["mean"], abs=1e-4
+    )
+    assert "m3id_lambda=1_cutoff=0.1:chair_i_std" in summary

@@ -361,3 +361,33 @@ def test_toy_pixels_match_processor():
     got = proc.image_processor([img], return_tensors="pt")["pixel_values"][0]
     want = torch.from_numpy((img.astype(np.float32) / 255.0 - 0.5) / 0.5).permute(2, 0, 1)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_toy_scenes_carry_the_cooccurrence_bias():
+    spec = SceneSpec(p_cooccur=0.9, p_cooccur_test=0.5)
+    for test, p in ((False, 0.9), (True, 0.5)):
+        scenes = sample_scenes(spec, 4000, test=test, seed=11)
+        for a, b in spec.pairs:
+            with_a = [s for s in scenes if a in s.objects]
+            rate = sum(b in s.objects for s in with_a) / len(with_a)
+            # about 1000 scenes hold each A: the binomial standard error is <= 0.016
+            assert abs(rate - p) < 0.05, (test, a, b, rate)
+    scene = sample_scenes(spec, 1, seed=0)[0]
+    assert len(set(scene.cells)) == len(scene.cells)  # one object per cell
+
+
+def test_toy_training_is_seeded_and_learns():
+    from layerwise.decoding.toy_vlm import make_examples, train_toy_vlm
+
+    proc = build_processor(SPEC)
+    scenes = sample_scenes(SPEC, 64, seed=0)
+    images = [render_scene(SPEC, s, seed=i) for i, s in enumerate(scenes)]
+    examples = make_examples(SPEC, scenes, seed=0)
+    runs = []
+    for seed in (0, 0, 1):
+        model = build_toy_llava(SPEC, hidden=32, seed=0)
+        runs.append(train_toy_vlm(model, proc, images, examples, steps=60, batch_size=16, seed=seed))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    uniform = math.log(len(SPEC.vocabulary()))  # cross-entropy of guessing uniformly
+    assert abs(runs[0][0] - uniform) < 0.3  # a random model starts there ...
+    assert sum(runs[0][-10:]) / 10 < 0.7 * uniform  # ... and training goes well below it

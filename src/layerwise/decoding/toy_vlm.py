@@ -16,7 +16,6 @@ input. Everything is a real ``LlavaForConditionalGeneration`` with a word-level 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -366,8 +365,3 @@ def _expand(ids: list[int], image_id: int, n: int) -> list[int]:
     for x in ids:
         out.extend([image_id] * n if x == image_id else [x])
     return out
-
-
-def with_spec(spec: SceneSpec, **changes: Any) -> SceneSpec:
-    """A copy of ``spec`` with fields replaced (validated again)."""
-    return dataclasses.replace(spec, **changes)

@@ -3,7 +3,7 @@
 Command::
 
     layerwise reproduce chunks --scale quick --out results   # ~1-2 min on a 2-core CPU
-    layerwise reproduce chunks --scale full --out results    # L = 5, 7, 9 and more trajectories
+    layerwise reproduce chunks --scale full --out results    # L = 5, 7, 9, ~13 min
 
 For RHM data (``v = n_c = 32, m = 8, s = 2``) each ``x0`` is run through forward-backward with the exact BP
 denoiser ``n_traj`` times per noise level. With ``sigma_i = 1`` if token ``i`` changed, the connected

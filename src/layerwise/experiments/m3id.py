@@ -345,10 +345,14 @@ def run(config: Config, out: Path) -> dict[str, Any]:
     write_json(out / "results.json", {"per_seed": rows, "aggregate": agg})
     _figure(agg, config, out / "m3id.png")
     summary: dict[str, Any] = {}
-    for method in ("greedy", "m3id_default", f"m3id_lambda={config.dpo_lambda:g}", "m3id+dpo_greedy"):
+    shown = ["greedy", "m3id_default", f"m3id_lambda={config.dpo_lambda:g}", "m3id+dpo_greedy"]
+    if config.cutoff is not None:
+        shown.insert(3, f"m3id_lambda={config.cutoff[0]:g}_cutoff={config.cutoff[1]:g}")
+    for method in shown:
         if method in agg:
             for key in ("chair_s", "chair_i", "cover", "pope_accuracy"):
-                summary[f"{method}:{key}"] = f"{agg[method][key]['mean']:.3f} ± {agg[method][key]['std']:.3f}"
+                summary[f"{method}:{key}"] = round(agg[method][key]["mean"], 4)
+                summary[f"{method}:{key}_std"] = round(agg[method][key]["std"], 4)
     return summary
 
 

@@ -3,7 +3,7 @@
 Command::
 
     layerwise reproduce phase-transition --scale quick --out results   # ~1-2 min on a 2-core CPU
-    layerwise reproduce phase-transition --scale full --out results    # L = 3..9, ~30-60 min
+    layerwise reproduce phase-transition --scale full --out results    # L = 3..9, ~20 min
 
 For an RHM with ``v = n_c = 32, m = 8, s = 2`` and depths ``L``, data ``x0`` are noised with the eps-process
 (leaf evidence ``(1 - eps) δ_{x0} + eps / v``) and ``x̂0`` is drawn from the exact posterior by belief
