@@ -1,6 +1,6 @@
 """Time per generated token: greedy vs M3ID (logits-processor path) vs M3ID (batched path), same process.
 
-Run: ``.venv/bin/python benchmarks/bench_m3id.py [--quick]``
+Run: ``.venv/bin/python benchmarks/bench_m3id.py [--quick] [--device cuda --large]``
 
 Models are toy Llavas built from config (random weights, so generation runs to max_new_tokens): the tiny one
 of the experiment (hidden 64) where per-step Python overhead dominates, and a wider one (hidden 256, 4
@@ -35,10 +35,17 @@ def _time_interleaved(fns, repeats: int) -> list[float]:
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for k, fn in enumerate(fns):
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             best[k] = min(best[k], time.perf_counter() - start)
     return best
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _processor_path(model, inputs, unc, kw):
@@ -52,17 +59,22 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: stable on shared CPUs)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--large", action="store_true", help="add a hidden-1024, 8-layer model (for GPUs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     repeats, new_tokens = (3, 16) if args.quick else (5, 32)
     spec = SceneSpec()
     proc = build_processor(spec)
-    print(f"torch threads: {torch.get_num_threads()}, new tokens per call: {new_tokens}")
-    print(f"{'model':<22}{'batch':>6}{'greedy ms/tok':>15}{'processor x':>13}{'batched x':>11}")
-    for label, hidden, layers in (("toy (hidden 64)", 64, 2), ("wider (hidden 256)", 256, 4)):
-        model = build_toy_llava(spec, hidden=hidden, layers=layers, vision_hidden=64)
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, new tokens per call: {new_tokens}")
+    print(f"{'model':<22}{'batch':>6}{'greedy ms/tok':>15}{'processor x':>13}{'batched x':>11}{'same':>8}")
+    sizes = [("toy (hidden 64)", 64, 2), ("wider (hidden 256)", 256, 4)]
+    if args.large:
+        sizes.append(("large (hidden 1024)", 1024, 8))
+    for label, hidden, layers in sizes:
+        model = build_toy_llava(spec, hidden=hidden, layers=layers, vision_hidden=64).to(args.device)
         model.generation_config.eos_token_id = None
-        for batch in (1, 8):
+        for batch in (1, 8, 32) if args.large else (1, 8):
             scenes = sample_scenes(spec, batch, seed=0)
             images = [Image.fromarray(render_scene(spec, s, seed=i)) for i, s in enumerate(scenes)]
             inputs = proc(
@@ -72,6 +84,7 @@ def main() -> None:
                 padding_side="left",
                 return_tensors="pt",
             )
+            inputs = {k: v.to(args.device) for k, v in inputs.items()}
             unc = unconditional_inputs(inputs, image_token_id=model.config.image_token_id)
             kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
 
@@ -88,8 +101,9 @@ def main() -> None:
 
             with torch.no_grad():
                 t_g, t_p, t_b = _time_interleaved([greedy, processor_path, batched_path], repeats)
+                same = torch.equal(processor_path(), batched_path())  # the two paths' greedy tokens
             per_tok = 1000 * t_g / new_tokens
-            print(f"{label:<22}{batch:>6}{per_tok:>15.2f}{t_p / t_g:>13.2f}{t_b / t_g:>11.2f}")
+            print(f"{label:<22}{batch:>6}{per_tok:>15.2f}{t_p / t_g:>13.2f}{t_b / t_g:>11.2f}{str(same):>8}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from layerwise.decoding import (  # noqa: E402
     m3id_weight,
     unconditional_inputs,
 )
+from layerwise.decoding._hf import cache_kwarg  # noqa: E402
 from layerwise.decoding.toy_vlm import (  # noqa: E402
     SceneSpec,
     build_processor,
@@ -265,8 +266,8 @@ def test_cache_independence(vlm):
         **inputs,
         max_new_tokens=6,
         do_sample=False,
-        cache=cache,
         logits_processor=LogitsProcessorList([proc_m3id]),
+        **{cache_kwarg(model): cache},  # transformers < 5.24 names it past_key_values
     )
     # generate's cache holds exactly its own tokens (no doubling by the image-free branch) and vice versa
     assert cache.get_seq_length() == out.shape[1] - 1

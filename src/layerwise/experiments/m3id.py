@@ -2,7 +2,7 @@
 
 Command::
 
-    layerwise reproduce m3id --scale quick --out results    # ~3.5 min on a shared 2-core CPU (3 seeds)
+    layerwise reproduce m3id --scale quick --out results    # 2.3-3.5 min on a shared 2-core CPU (3 seeds)
     layerwise reproduce m3id --scale full --out results     # 5 seeds x 6000 steps: ~30-40 min (estimate)
 
 For each seed, a tiny Llava (:mod:`layerwise.decoding.toy_vlm`) is trained from scratch on synthetic scenes
