@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 from PIL import Image  # noqa: E402
@@ -22,13 +21,7 @@ from layerwise.decoding.toy_vlm import (  # noqa: E402
 SPEC = SceneSpec()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models: one thread is as fast, and far faster when other jobs share the CPU cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_cli_generate_matches_python_api(tmp_path, capsys):

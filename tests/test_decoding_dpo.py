@@ -24,13 +24,7 @@ from layerwise.decoding.toy_vlm import (  # noqa: E402
 SPEC = SceneSpec()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models: one thread is as fast, and far faster when other jobs share the CPU cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_prefix_functions():

@@ -37,13 +37,7 @@ SPEC = SceneSpec()
 PROMPTS = ["<image> describe :", "<image> is there a cup ?", "is there <image> a bus ?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models: one thread is as fast, and far faster when other jobs share the CPU cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

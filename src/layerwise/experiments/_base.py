@@ -23,7 +23,7 @@ from typing import Any
 from .._io import atomic_directory, write_json
 from .._registry import Registry
 
-__all__ = ["Experiment", "EXPERIMENTS", "SCALES", "run_experiment"]
+__all__ = ["Experiment", "EXPERIMENTS", "SCALES", "grid", "run_experiment"]
 
 SCALES = ("quick", "full")
 
@@ -50,6 +50,12 @@ class Experiment:
 
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment")
+
+
+def grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
+    """Evenly spaced values from ``lo`` to ``hi`` inclusive, rounded to 6 decimals (clean configs)."""
+    n = int(round((hi - lo) / step))
+    return tuple(round(lo + k * step, 6) for k in range(n + 1))
 
 
 def run_experiment(name: str, out_dir: str | Path, scale: str = "quick", **overrides: Any) -> dict[str, Any]:

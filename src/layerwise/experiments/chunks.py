@@ -35,14 +35,9 @@ from ..hierarchy import RHM
 from ..hierarchy import theory as mf
 from ..hierarchy.forward_backward import BPDenoiser, forward_backward
 from ..hierarchy.observables import fit_power_law, peak_location
-from ._base import EXPERIMENTS, Experiment
+from ._base import EXPERIMENTS, Experiment, grid
 
 __all__ = ["Config", "run"]
-
-
-def _grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
-    n = int(round((hi - lo) / step))
-    return tuple(round(lo + k * step, 6) for k in range(n + 1))
 
 
 @dataclass(frozen=True)
@@ -54,10 +49,10 @@ class Config:
     m: int = 8
     s: int = 2
     depths: tuple[int, ...] = (4, 6, 8)
-    eps_levels: tuple[float, ...] = _grid(0.5, 0.9, 0.04)
+    eps_levels: tuple[float, ...] = grid(0.5, 0.9, 0.04)
     n_x0: int = 32  # starting data per level
     n_traj: int = 16  # forward-backward runs per x0
-    mask_levels: tuple[float, ...] = _grid(0.05, 0.65, 0.06)  # masking process, at the largest L
+    mask_levels: tuple[float, ...] = grid(0.05, 0.65, 0.06)  # masking process, at the largest L
     # Fit C(r) ~ r^-a on 1 <= r <= fraction * d: well inside the system, away from the finite-size cutoff
     # (results.json also lists the exponent for other ranges: the fit is sensitive to it).
     fit_r_max_fraction: float = 0.125
@@ -197,8 +192,8 @@ EXPERIMENTS.register(
         run=run,
         scales={
             "quick": Config(),
-            "full": Config(depths=(5, 7, 9), eps_levels=_grid(0.5, 0.9, 0.02), n_x0=64, n_traj=32,
-                           mask_levels=_grid(0.02, 0.7, 0.04)),
+            "full": Config(depths=(5, 7, 9), eps_levels=grid(0.5, 0.9, 0.02), n_x0=64, n_traj=32,
+                           mask_levels=grid(0.02, 0.7, 0.04)),
         },
         description="RHM forward-backward: correlated chunks of changes; chi peaks at the transition "
         "(ICLR 2025)",

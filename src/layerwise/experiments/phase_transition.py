@@ -37,14 +37,9 @@ from ..hierarchy import RHM
 from ..hierarchy import theory as mf
 from ..hierarchy.forward_backward import BPDenoiser, forward_backward
 from ..hierarchy.observables import crossing_point
-from ._base import EXPERIMENTS, Experiment
+from ._base import EXPERIMENTS, Experiment, grid
 
 __all__ = ["Config", "run"]
-
-
-def _grid(lo: float, hi: float, step: float) -> tuple[float, ...]:
-    n = int(round((hi - lo) / step))
-    return tuple(round(lo + k * step, 6) for k in range(n + 1))
 
 
 @dataclass(frozen=True)
@@ -56,10 +51,10 @@ class Config:
     m: int = 8
     s: int = 2
     depths: tuple[int, ...] = (3, 5, 7)  # L values of the eps-process sweep
-    eps_levels: tuple[float, ...] = _grid(0.5, 0.9, 0.025)
+    eps_levels: tuple[float, ...] = grid(0.5, 0.9, 0.025)
     n_data: int = 256  # starting data per level (one trajectory each)
     process_depth: int = 7  # L used for the uniform and masking processes
-    process_levels: tuple[float, ...] = _grid(0.0, 0.95, 0.05)
+    process_levels: tuple[float, ...] = grid(0.0, 0.95, 0.05)
     processes: tuple[str, ...] = ("uniform", "mask")
     float32: bool = False  # BP messages in float32 (faster; adequate for sampling)
     rules_seed: int = 0
@@ -194,8 +189,8 @@ EXPERIMENTS.register(
         run=run,
         scales={
             "quick": Config(),
-            "full": Config(depths=(3, 4, 5, 6, 7, 8, 9), eps_levels=_grid(0.5, 0.9, 0.01), n_data=1024,
-                           process_depth=9, process_levels=_grid(0.0, 0.98, 0.02)),
+            "full": Config(depths=(3, 4, 5, 6, 7, 8, 9), eps_levels=grid(0.5, 0.9, 0.01), n_data=1024,
+                           process_depth=9, process_levels=grid(0.0, 0.98, 0.02)),
         },
         description="RHM forward-backward with exact BP: class kept vs noise, sharp at eps* (PNAS 2025)",
     ),

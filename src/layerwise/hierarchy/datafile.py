@@ -17,22 +17,20 @@ import torch
 from .._io import atomic_path
 from .rhm import RHM, RHMSample
 
-__all__ = ["save_dataset", "load_dataset"]
+__all__ = ["save_dataset", "load_dataset", "dataset_arrays", "write_arrays", "read_arrays"]
 
 _PARAMS = ("v", "n_c", "m", "s", "L")
-_SUFFIXES = (".pt", ".npz")
+SUFFIXES = (".pt", ".npz")
 
 
-def _check_suffix(path: Path) -> str:
-    if path.suffix not in _SUFFIXES:
-        raise ValueError(f"path must end in one of {_SUFFIXES}, got {str(path)!r}")
+def _check_suffix(path: Path, name: str) -> str:
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"{name} must end in one of {SUFFIXES}, got {str(path)!r}")
     return path.suffix
 
 
-def save_dataset(path: str | os.PathLike, rhm: RHM, sample: RHMSample) -> Path:
-    """Write ``sample`` and the rules of ``rhm`` to ``path`` (.pt or .npz), atomically."""
-    path = Path(path)
-    suffix = _check_suffix(path)
+def dataset_arrays(rhm: RHM, sample: RHMSample) -> dict[str, torch.Tensor]:
+    """The arrays of a data file: ``params``, ``rules_<l>``, ``labels``, ``tokens``, ``choices_<l>``."""
     arrays: dict[str, torch.Tensor] = {
         "params": torch.tensor([getattr(rhm, k) for k in _PARAMS], dtype=torch.long),
         "labels": sample.labels,
@@ -41,6 +39,13 @@ def save_dataset(path: str | os.PathLike, rhm: RHM, sample: RHMSample) -> Path:
     for level in range(rhm.L):
         arrays[f"rules_{level}"] = rhm.rules[level]
         arrays[f"choices_{level}"] = sample.choices[level]
+    return arrays
+
+
+def write_arrays(path: str | os.PathLike, arrays: dict[str, torch.Tensor], name: str = "path") -> Path:
+    """Write named tensors to ``path`` (.pt or .npz, by suffix), atomically; ``name`` is used in errors."""
+    path = Path(path)
+    suffix = _check_suffix(path, name)
     with atomic_path(path) as tmp:
         if suffix == ".pt":
             torch.save(arrays, tmp)
@@ -49,18 +54,29 @@ def save_dataset(path: str | os.PathLike, rhm: RHM, sample: RHMSample) -> Path:
     return path
 
 
-def load_dataset(path: str | os.PathLike) -> tuple[RHM, RHMSample]:
-    """Read a file written by :func:`save_dataset`: the RHM (its rules) and the sample with its tree."""
+def read_arrays(path: str | os.PathLike, name: str = "path") -> dict[str, torch.Tensor]:
+    """Read the named tensors of a .pt (``weights_only=True``) or .npz (``allow_pickle=False``) file."""
     path = Path(path)
-    suffix = _check_suffix(path)
+    suffix = _check_suffix(path, name)
     if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {str(path)!r}")
+        raise FileNotFoundError(f"no such file: {str(path)!r}")
     if suffix == ".pt":
         raw = torch.load(path, weights_only=True, map_location="cpu")
-        arrays = {k: torch.as_tensor(v) for k, v in raw.items()}
-    else:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{str(path)!r} does not hold a dict of tensors")
+        return {k: torch.as_tensor(v) for k, v in raw.items()}
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
+
+
+def save_dataset(path: str | os.PathLike, rhm: RHM, sample: RHMSample) -> Path:
+    """Write ``sample`` and the rules of ``rhm`` to ``path`` (.pt or .npz), atomically."""
+    return write_arrays(path, dataset_arrays(rhm, sample))
+
+
+def load_dataset(path: str | os.PathLike) -> tuple[RHM, RHMSample]:
+    """Read a file written by :func:`save_dataset`: the RHM (its rules) and the sample with its tree."""
+    arrays = read_arrays(path)
     missing = [k for k in ("params", "labels", "tokens", "rules_0", "choices_0") if k not in arrays]
     if missing:
         raise ValueError(f"{str(path)!r} is not a layerwise RHM data file (missing {missing})")

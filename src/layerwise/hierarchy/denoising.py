@@ -14,19 +14,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .._io import atomic_path
 from .._validation import check_float, check_int, make_generator
 from .bp import belief_propagation, sample_posterior
+from .datafile import dataset_arrays, read_arrays, write_arrays
 from .noise import NoiseProcess, make_noise_process
 from .rhm import RHM, RHMSample
 
 __all__ = ["DenoiseResult", "denoise", "save_denoised", "load_denoised"]
-
-_SUFFIXES = (".pt", ".npz")
-
 
 @dataclass(frozen=True)
 class DenoiseResult:
@@ -143,56 +139,28 @@ def denoise(
     )
 
 
-def _check_suffix(path: Path) -> str:
-    if path.suffix not in _SUFFIXES:
-        raise ValueError(f"out must end in one of {_SUFFIXES}, got {str(path)!r}")
-    return path.suffix
-
-
 def save_denoised(path: str | os.PathLike, rhm: RHM, result: DenoiseResult) -> Path:
     """Write ``result`` (and the rules of ``rhm``) to ``path`` (.pt or .npz), atomically."""
-    path = Path(path)
-    suffix = _check_suffix(path)
-    arrays: dict[str, torch.Tensor] = {
-        "params": torch.tensor([rhm.v, rhm.n_c, rhm.m, rhm.s, rhm.L], dtype=torch.long),
-        "labels": result.posterior.labels,
-        "tokens": result.posterior.tokens,
-        "clean_labels": result.clean.labels,
-        "clean_tokens": result.clean.tokens,
-        "noisy": result.noisy,
-        "log_partition": result.log_partition,
-        "level": torch.tensor(result.level, dtype=torch.float64),
-        "seed": torch.tensor(result.seed, dtype=torch.long),
+    arrays = dataset_arrays(rhm, result.posterior)
+    arrays.update(
+        clean_labels=result.clean.labels,
+        clean_tokens=result.clean.tokens,
+        noisy=result.noisy,
+        log_partition=result.log_partition,
+        level=torch.tensor(result.level, dtype=torch.float64),
+        seed=torch.tensor(result.seed, dtype=torch.long),
         # The process name as UTF-8 bytes: every entry stays a plain array, readable by load_dataset.
-        "process": torch.tensor(list(result.process.encode("utf-8")), dtype=torch.uint8),
-    }
-    for lev in range(rhm.L):
-        arrays[f"rules_{lev}"] = rhm.rules[lev]
-        arrays[f"choices_{lev}"] = result.posterior.choices[lev]
+        process=torch.tensor(list(result.process.encode("utf-8")), dtype=torch.uint8),
+    )
     for lev, marg in enumerate(result.marginals):
         arrays[f"marginals_{lev}"] = marg
-    with atomic_path(path) as tmp:
-        if suffix == ".pt":
-            torch.save(arrays, tmp)
-        else:
-            np.savez_compressed(tmp, **{k: v.numpy() for k, v in arrays.items()})
-    return path
+    return write_arrays(path, arrays, name="out")
 
 
 def load_denoised(path: str | os.PathLike) -> dict[str, torch.Tensor | str | float | int]:
     """Read a file written by :func:`save_denoised` into a dict of tensors (``process`` as str,
     ``level`` as float, ``seed`` as int). Never unpickles code."""
-    path = Path(path)
-    suffix = _check_suffix(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {str(path)!r}")
-    out: dict[str, torch.Tensor | str | float | int]
-    if suffix == ".pt":
-        raw = torch.load(path, weights_only=True, map_location="cpu")
-        out = {k: torch.as_tensor(v) for k, v in raw.items()}
-    else:
-        with np.load(path, allow_pickle=False) as npz:
-            out = {k: torch.from_numpy(npz[k].copy()) for k in npz.files}
+    out: dict[str, torch.Tensor | str | float | int] = dict(read_arrays(path, name="path"))
     missing = [k for k in ("process", "level", "seed", "noisy", "marginals_0") if k not in out]
     if missing:
         raise ValueError(f"{str(path)!r} is not a denoise output file (missing {missing})")
