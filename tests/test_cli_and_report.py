@@ -124,3 +124,17 @@ def test_registry_refuses_duplicates_and_lists_valid_names():
     with pytest.raises(ValueError, match="valid names: a"):
         reg.get("b")
     assert reg.unregister("a") == 1 and "a" not in reg
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = _io.write_json(tmp_path / "x.json", {})
+        with _io.atomic_directory(tmp_path / "folder") as tmp:
+            (tmp / "a.txt").write_text("a")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o755

@@ -2,7 +2,7 @@
 
 Command::
 
-    layerwise reproduce chunks --scale quick --out results   # ~1-2 min on a 2-core CPU
+    layerwise reproduce chunks --scale quick --out results   # ~10 s on an idle 2-core CPU
     layerwise reproduce chunks --scale full --out results    # L = 5, 7, 9, ~13 min
 
 For RHM data (``v = n_c = 32, m = 8, s = 2``) each ``x0`` is run through forward-backward with the exact BP
@@ -49,8 +49,9 @@ class Config:
     m: int = 8
     s: int = 2
     depths: tuple[int, ...] = (4, 6, 8)
-    eps_levels: tuple[float, ...] = grid(0.5, 0.9, 0.04)
-    n_x0: int = 32  # starting data per level
+    # Denser steps around the transition, where chi peaks.
+    eps_levels: tuple[float, ...] = grid(0.5, 0.66, 0.04) + grid(0.68, 0.78, 0.02) + grid(0.82, 0.9, 0.04)
+    n_x0: int = 64  # starting data per level
     n_traj: int = 16  # forward-backward runs per x0
     mask_levels: tuple[float, ...] = grid(0.05, 0.65, 0.06)  # masking process, at the largest L
     # Fit C(r) ~ r^-a on 1 <= r <= fraction * d: well inside the system, away from the finite-size cutoff

@@ -2,7 +2,7 @@
 
 Command::
 
-    layerwise reproduce phase-transition --scale quick --out results   # ~1-2 min on a 2-core CPU
+    layerwise reproduce phase-transition --scale quick --out results   # ~15 s on an idle 2-core CPU
     layerwise reproduce phase-transition --scale full --out results    # L = 3..9, ~20 min
 
 For an RHM with ``v = n_c = 32, m = 8, s = 2`` and depths ``L``, data ``x0`` are noised with the eps-process
@@ -50,9 +50,9 @@ class Config:
     n_c: int = 32
     m: int = 8
     s: int = 2
-    depths: tuple[int, ...] = (3, 5, 7)  # L values of the eps-process sweep
+    depths: tuple[int, ...] = (3, 5, 7, 9)  # L values of the eps-process sweep
     eps_levels: tuple[float, ...] = grid(0.5, 0.9, 0.025)
-    n_data: int = 256  # starting data per level (one trajectory each)
+    n_data: int = 512  # starting data per level (one trajectory each)
     process_depth: int = 7  # L used for the uniform and masking processes
     process_levels: tuple[float, ...] = grid(0.0, 0.95, 0.05)
     processes: tuple[str, ...] = ("uniform", "mask")
