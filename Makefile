@@ -43,7 +43,7 @@ test-main: install
 test-vision: $(VENV_VISION)/.installed
 	$(PYV) -m pytest -q tests/vision
 
-test: lint test-main test-vision
+test: lint test-vision test-main
 
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
