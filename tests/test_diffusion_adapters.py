@@ -181,8 +181,16 @@ def test_hf_patch_encoder_on_tiny_vit():
     config = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=8, num_hidden_layers=1,
                                     num_attention_heads=2, intermediate_size=16)
     vit = transformers.ViTModel(config).eval()
-    out = hf_patch_encoder(vit)(torch.rand(3, 3, 32, 32) * 2 - 1)  # resized to 16 -> 4x4 patches
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    out = hf_patch_encoder(vit)(images)  # resized to 16 -> 4x4 patches
     assert out.shape == (3, 4, 4, 8)
+    # The same computation by hand: [-1, 1] -> [0, 1], resize, ImageNet normalization, drop CLS, grid.
+    x = torch.nn.functional.interpolate((images + 1) / 2, size=(16, 16), mode="bilinear", align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = vit(pixel_values=(x - mean) / std).last_hidden_state  # (3, 1 + 16, 8)
+    torch.testing.assert_close(out.detach(), hidden[:, 1:].reshape(3, 4, 4, 8))
     out = hf_patch_encoder(vit, image_size=24)(torch.rand(3, 3, 32, 32) * 2 - 1)  # interpolated positions
     assert out.shape == (3, 6, 6, 8)
 

@@ -189,3 +189,12 @@ def test_multitask_alpha_is_one_over_T_for_task_arithmetic_and_norm_ratio_otherw
     merged = 0.5 * tvs[0]
     expected = sum(tvs).norm(1) / (0.5 * tvs[0].norm(1)) / 4
     assert multitask_alpha(tvs, merged) == pytest.approx(expected)
+
+
+def test_single_block_tower_gets_alpha_plus_beta():
+    # With one block, i / (num_blocks - 1) is 0/0: the only block is also the last, which keeps the full
+    # update alpha + beta (in single-task mode, 1); parameters outside the blocks keep alpha.
+    from layerwise.editing.lines import lines_scales
+
+    scales = lines_scales(["a.blocks.0.w", "a.emb"], 0.2, 0.8)
+    assert scales["a.blocks.0.w"] == pytest.approx(1.0) and scales["a.emb"] == pytest.approx(0.2)

@@ -160,6 +160,19 @@ def test_token_and_embedding_changes():
     delta = embedding_changes(e0, e_hat)
     assert delta.shape == (2, 5, 3)
     assert torch.allclose(delta, torch.full_like(delta, 2.0))  # ||(2,2,2,2)|| / sqrt(4)
+    # A non-constant difference separates the Euclidean norm from a mean of absolute values.
+    e_hat = torch.tensor([3.0, 4.0]).expand(1, 1, 2).clone()  # (N=1, grid=1, D=2)
+    delta = embedding_changes(torch.zeros(1, 1, 2), e_hat)
+    assert torch.allclose(delta, torch.tensor([[5.0 / 2**0.5]]).double())
+
+
+def test_connected_correlations_use_the_unbiased_estimator():
+    # Two trajectories of one x0 that flip (0, 1): sample variance with n_traj - 1 = 1 is 0.5 (biased: 0.25);
+    # two positions flipping together give C_01 = 0.5, opposite flips -0.5.
+    together = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])  # (n_x0=1, n_traj=2, d=2)
+    opposite = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    assert torch.allclose(connected_correlations(together), torch.full((2, 2), 0.5).double())
+    assert torch.allclose(connected_correlations(opposite), torch.tensor([[0.5, -0.5], [-0.5, 0.5]]).double())
 
 
 def test_level_reconstruction_counts_matches_per_level():

@@ -88,8 +88,11 @@ def test_iid_sampling_is_uniform_over_classes_and_rules():
     # Chi-square against uniform: 99.9% critical values (df=3: 16.27; df=3 per level).
     counts = torch.bincount(batch.labels, minlength=4).double()
     assert float(((counts - n / 4) ** 2 / (n / 4)).sum()) < 16.27
-    root_rule = torch.bincount(batch.choices[0][:, 0], minlength=4).double()
-    assert float(((root_rule - n / 4) ** 2 / (n / 4)).sum()) < 16.27
+    for level, choices in enumerate(batch.choices):
+        # Rules at every node of the level, pooled: n * s**level draws; df = m - 1 = 3.
+        counts = torch.bincount(choices.flatten(), minlength=4).double()
+        expected = choices.numel() / 4
+        assert float(((counts - expected) ** 2 / expected).sum()) < 16.27, level
 
 
 @pytest.mark.parametrize("params", [(8, 8, 2, 2, 3), (32, 32, 8, 2, 9)])
