@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 
 import pytest
 import torch
@@ -62,10 +64,11 @@ def test_pairs_are_built_as_specified(setup):
         assert row["chosen"] == " " + " ".join(c.split()) + tok.eos_token
         assert row["rejected"].split()[0] == g.split()[0]  # on-topic prefix from the image-conditioned answer
     # the rejected tail is the image-free model's greedy continuation of prompt-without-image + prefix
-    free = tok(["describe : " + greedy[0].split()[0]], return_tensors="pt")
-    out = model.generate(**free, max_new_tokens=5, do_sample=False)
-    tail = tok.decode(out[0, free["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert rows[0]["rejected"] == " " + " ".join((greedy[0].split()[0] + " " + tail).split()) + tok.eos_token
+    for row, g in zip(rows, greedy, strict=True):
+        free = tok(["describe : " + g.split()[0]], return_tensors="pt")
+        out = model.generate(**free, max_new_tokens=5, do_sample=False)
+        tail = tok.decode(out[0, free["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert row["rejected"] == " " + " ".join((g.split()[0] + " " + tail).split()) + tok.eos_token
     with pytest.raises(ValueError, match="images"):
         build_preference_pairs(model, proc, images[:2], prompts)
 
@@ -104,11 +107,18 @@ def test_train_dpo_raises_preference_margin(setup):
     assert len(rows) >= 4
     before = _margin(model, proc, rows)
     weights = [p.detach().clone() for p in model.parameters()]
-    history = train_dpo(model, proc, rows, learning_rate=1e-3, epochs=3, batch_size=4, seed=0)
+    reference = copy.deepcopy(model)
+    history = train_dpo(
+        model, proc, rows, learning_rate=1e-3, epochs=3, batch_size=4, seed=0, ref_model=reference
+    )
     after = _margin(model, proc, rows)
     assert after > before + 1.0  # DPO moves probability from rejected to chosen
     assert any(not torch.equal(w, p) for w, p in zip(weights, model.parameters(), strict=True))
-    assert any("loss" in h for h in history)
+    # The reference stays frozen, and at the first step policy = reference, so the DPO loss is
+    # -log sigmoid(0) = log 2 whatever the data (plain fine-tuning on the chosen answers would not be).
+    assert all(torch.equal(w, p) for w, p in zip(weights, reference.parameters(), strict=True))
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses and losses[0] == pytest.approx(math.log(2), abs=1e-3)
     with pytest.raises(ValueError, match="rows"):
         train_dpo(model, proc, [])
 
