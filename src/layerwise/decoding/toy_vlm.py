@@ -1,7 +1,9 @@
 """A toy vision-language world for hallucination studies on a CPU: synthetic scenes and a tiny Llava.
 
 Scenes are ``grid x grid`` cells of ``cell x cell`` pixels; each object is a coloured shape filling one
-cell, so one ViT patch (``patch_size = cell``) sees one object. Captions list the objects ("fork cup .").
+cell, so one ViT patch (``patch_size = cell``) sees one object. Captions list the objects ("fork cup ."), or,
+with ``SceneSpec(caption_phrase="there is a {}")``, one templated phrase per object, so that scenes of many
+objects give long captions ("there is a fork there is a cup .").
 Two ingredients make hallucination appear, as in real VLMs:
 
 * co-occurrence bias: in training scenes, object ``B`` of each pair ``(A, B)`` appears with ``A`` with
@@ -65,7 +67,11 @@ class SceneSpec:
 
     ``pairs[i] = (A, B)``: in training scenes ``B`` joins ``A`` with probability ``p_cooccur``; ``B`` is
     drawn with contrast ``weak_contrast`` (others with 1) under Gaussian pixel noise ``noise`` (in [0, 1]
-    intensity units). Images are ``grid * cell`` pixels square.
+    intensity units). Images are ``grid * cell`` pixels square. A scene first draws ``min_objects`` to
+    ``max_objects`` objects, then applies the pairs (which may add or remove a partner). The caption writes
+    each object with ``caption_phrase`` (``"{}"``: the bare name), then a full stop; its words other than
+    ``{}`` must be in the vocabulary. Training captions list the objects in ``objects`` order, or in a
+    random order of each example with ``shuffle_captions``.
     """
 
     objects: tuple[str, ...] = ("cat", "dog", "bus", "car", "tree", "kite", "bird", "fork", "cup", "boat")
@@ -77,6 +83,9 @@ class SceneSpec:
     max_objects: int = 3
     grid: int = 4
     cell: int = 4
+    min_objects: int = 1
+    caption_phrase: str = "{}"
+    shuffle_captions: bool = False
 
     def __post_init__(self) -> None:
         names = set(self.objects)
@@ -86,6 +95,18 @@ class SceneSpec:
         check_float("p_cooccur", self.p_cooccur, low=0.0, high=1.0)
         check_float("p_cooccur_test", self.p_cooccur_test, low=0.0, high=1.0)
         check_int("max_objects", self.max_objects, low=1, high=self.grid * self.grid)
+        most = min(self.max_objects + len(self.pairs), len(self.objects))  # partners join after the draw
+        if most > self.grid * self.grid:
+            raise ValueError(
+                f"a scene may hold {most} objects (max_objects + one partner per pair), more than the "
+                f"{self.grid * self.grid} cells of the grid"
+            )
+        check_int("min_objects", self.min_objects, low=1, high=self.max_objects)
+        if self.caption_phrase.count("{}") != 1:
+            raise ValueError(f"caption_phrase must contain '{{}}' once, got {self.caption_phrase!r}")
+        unknown = [w for w in self.caption_phrase.split() if w != "{}" and w not in PROMPT_WORDS]
+        if unknown:
+            raise ValueError(f"caption_phrase words {unknown} are not in the vocabulary {PROMPT_WORDS}")
         if self.cell != 4:
             raise ValueError(f"cell must be 4 (the shape templates are 4x4), got {self.cell}")
 
@@ -119,7 +140,7 @@ def _colours(n: int) -> np.ndarray:
 def sample_scenes(
     spec: SceneSpec, n: int, *, test: bool = False, seed: int | torch.Generator | None = 0
 ) -> list[Scene]:
-    """Draw ``n`` scenes: 1..max_objects objects uniformly, then the co-occurrence rule of each pair.
+    """Draw ``n`` scenes: min_objects..max_objects objects uniformly, then each pair's co-occurrence rule.
 
     ``test=True`` uses ``p_cooccur_test`` (the pair's bias broken) instead of ``p_cooccur``.
     """
@@ -128,7 +149,7 @@ def sample_scenes(
     p = spec.p_cooccur_test if test else spec.p_cooccur
     scenes = []
     for _ in range(n):
-        k = int(torch.randint(1, spec.max_objects + 1, (1,), generator=gen))
+        k = int(torch.randint(spec.min_objects, spec.max_objects + 1, (1,), generator=gen))
         chosen = {spec.objects[i] for i in torch.randperm(len(spec.objects), generator=gen)[:k].tolist()}
         for a, b in spec.pairs:
             if a in chosen:
@@ -158,9 +179,20 @@ def render_scene(spec: SceneSpec, scene: Scene, *, seed: int | torch.Generator |
     return (np.clip(img + noise, 0, 1) * 255).round().astype(np.uint8)
 
 
-def caption(scene: Scene) -> str:
-    """Reference caption: the objects in canonical order, then a full stop."""
-    return " ".join(scene.objects) + " ."
+def caption(scene: Scene, spec: SceneSpec | None = None, order: Sequence[int] | None = None) -> str:
+    """Reference caption: the objects (in canonical order, or ``scene.objects[i] for i in order``), each
+    written as ``spec.caption_phrase``, then a full stop.
+
+    >>> caption(Scene(("fork", "cup"), (0, 1)))
+    'fork cup .'
+    >>> caption(Scene(("fork", "cup"), (0, 1)), SceneSpec(caption_phrase="there is a {}"), order=[1, 0])
+    'there is a cup there is a fork .'
+    """
+    phrase = "{}" if spec is None else spec.caption_phrase
+    objects = scene.objects if order is None else [scene.objects[i] for i in order]
+    if sorted(objects) != sorted(scene.objects):
+        raise ValueError(f"order must be a permutation of range({len(scene.objects)}), got {order}")
+    return " ".join([phrase.format(o) for o in objects] + ["."])
 
 
 def caption_prompt(with_image: bool = True) -> str:
@@ -267,7 +299,8 @@ def make_examples(
 ) -> list[tuple[int, str, str]]:
     """Training examples ``(scene index, prompt, target)``: captions, and yes/no questions for a fraction.
 
-    Questions ask about a present object or an absent one with equal probability.
+    Questions ask about a present object or an absent one with equal probability. With
+    ``spec.shuffle_captions`` each caption lists its objects in a random order.
     """
     gen = make_generator(seed)
     out = []
@@ -278,7 +311,10 @@ def make_examples(
             obj = pool[int(torch.randint(len(pool), (1,), generator=gen))]
             out.append((i, pope_question(obj), "yes ." if present else "no ."))
         else:
-            out.append((i, caption_prompt(), caption(scene)))
+            order = None
+            if spec.shuffle_captions:
+                order = torch.randperm(len(scene.objects), generator=gen).tolist()
+            out.append((i, caption_prompt(), caption(scene, spec, order)))
     return out
 
 

@@ -12,5 +12,6 @@ from . import rhm_stats  # noqa: E402,F401  isort: skip
 from . import phase_transition  # noqa: E402,F401  isort: skip
 from . import chunks  # noqa: E402,F401  isort: skip
 from . import m3id  # noqa: E402,F401  isort: skip
+from . import m3id_long  # noqa: E402,F401  isort: skip
 
 __all__ = ["EXPERIMENTS", "SCALES", "Experiment", "run_experiment"]

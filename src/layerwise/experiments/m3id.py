@@ -31,7 +31,9 @@ little or no CHAIR gain and, with t0 = 5 on yes/no questions, destroys the answe
 exp(5 lambda) - 1); lambda = 1 with VCD's plausibility cutoff 0.1 gives CHAIR_s 0.36 ± 0.02, CHAIR_i 0.18 ±
 0.02, Cover 0.84 ± 0.04 (a small gain within about one standard deviation); M3ID + DPO does not move
 greedy decoding (CHAIR_s 0.40 ± 0.03). POPE accuracy is about 0.60 at quick scale: the yes/no task is only
-learned after ~2000 steps. See docs/readme/m3id.md for the numbers after longer training.
+learned after ~2000 steps. See the README (section M3ID) for the numbers after longer training. The
+``m3id-long`` experiment (:mod:`layerwise.experiments.m3id_long`) repeats the captioning study with
+20-50-token captions, where the paper's weight has room to grow.
 """
 
 from __future__ import annotations
@@ -265,14 +267,21 @@ METRICS = (
 )
 
 
-def _aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    """method -> metric -> {mean, std (over seeds, ddof=1; 0 for one seed), min, max}."""
+def _aggregate(
+    rows: list[dict[str, Any]], keys: tuple[str, ...] = METRICS
+) -> dict[str, dict[str, dict[str, float]]]:
+    """method -> metric -> {mean, std (over seeds, ddof=1; 0 for one seed), min, max}.
+
+    A metric that a method's rows lack is left out for that method.
+    """
     out: dict[str, dict[str, dict[str, float]]] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         sel = [r for r in rows if r["method"] == method]
         out[method] = {}
-        for key in METRICS:
-            vals = [float(r[key]) for r in sel]
+        for key in keys:
+            vals = [float(r[key]) for r in sel if key in r]
+            if not vals:
+                continue
             out[method][key] = {
                 "mean": statistics.fmean(vals),
                 "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,

@@ -1,0 +1,107 @@
+"""The long-caption toy world (SceneSpec's min_objects, caption_phrase, shuffle_captions) and m3id-long."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from layerwise.decoding.toy_vlm import Scene, SceneSpec, caption, make_examples, sample_scenes  # noqa: E402
+
+LONG = SceneSpec(
+    objects=("cat", "dog", "bus", "car", "tree", "kite", "bird", "fork", "cup", "boat", "knife", "spoon"),
+    pairs=(("fork", "cup"), ("bus", "car"), ("kite", "bird"), ("knife", "spoon")),
+    min_objects=5,
+    max_objects=8,
+    caption_phrase="there is a {}",
+    shuffle_captions=True,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_long_captions_list_every_object_once_in_varied_orders():
+    scenes = sample_scenes(LONG, 300, seed=0)
+    examples = make_examples(LONG, scenes, pope_fraction=0.0, seed=1)
+    canonical = 0
+    for i, prompt, target in examples:
+        words = target.split()
+        assert prompt == "<image> describe :" and words[-1] == "."
+        named = words[3:-1:4]  # "there is a X there is a Y ... ."
+        assert words[:-1] == [w for o in named for w in ("there", "is", "a", o)]
+        assert sorted(named) == sorted(scenes[i].objects)
+        canonical += tuple(named) == scenes[i].objects
+    assert canonical < 0.05 * len(examples)  # shuffled: 5+ objects are rarely drawn in canonical order
+    lengths = [len(t.split()) for _, _, t in examples]
+    assert min(lengths) >= 4 * (LONG.min_objects - len(LONG.pairs)) + 1 and max(lengths) <= 4 * 12 + 1
+    assert sum(lengths) / len(lengths) > 25  # long enough for exp(lambda t) - 1 to grow
+
+
+def test_cooccurrence_rate_as_configured():
+    for test, p in ((False, LONG.p_cooccur), (True, LONG.p_cooccur_test)):
+        scenes = sample_scenes(LONG, 3000, test=test, seed=2)
+        for a, b in LONG.pairs:
+            with_a = [s for s in scenes if a in s.objects]
+            rate = sum(b in s.objects for s in with_a) / len(with_a)
+            assert len(with_a) > 1000 and rate == pytest.approx(p, abs=0.05), (test, a, b)
+        sizes = [len(s.objects) for s in scenes]
+        assert min(sizes) >= LONG.min_objects - len(LONG.pairs) and max(sizes) <= LONG.max_objects + 4
+
+
+def test_default_spec_is_unchanged_and_bad_settings_fail():
+    spec = SceneSpec()
+    scene = Scene(("fork", "cup"), (0, 1))
+    assert caption(scene) == caption(scene, spec) == "fork cup ."
+    assert caption(scene, LONG, order=[1, 0]) == "there is a cup there is a fork ."
+    scenes = sample_scenes(spec, 50, seed=0)
+    examples = make_examples(spec, scenes, pope_fraction=0.0, seed=0)
+    assert all(t.split()[:-1] == list(scenes[i].objects) for i, _, t in examples)  # canonical order
+    with pytest.raises(ValueError, match="permutation"):
+        caption(scene, order=[0, 0])
+    with pytest.raises(ValueError, match="vocabulary"):
+        SceneSpec(caption_phrase="here is a {}")
+    with pytest.raises(ValueError, match="once"):
+        SceneSpec(caption_phrase="a")
+    with pytest.raises(ValueError, match="min_objects"):
+        SceneSpec(min_objects=4)
+    with pytest.raises(ValueError, match="cells of the grid"):
+        SceneSpec(objects=tuple(f"o{i}" for i in range(20)), pairs=(("o0", "o1"),), max_objects=16)
+    SceneSpec(objects=tuple(f"o{i}" for i in range(20)), pairs=(("o0", "o1"),), max_objects=15)  # fits
+
+
+def test_m3id_long_experiment_end_to_end(tmp_path):
+    from layerwise.experiments import EXPERIMENTS, run_experiment
+
+    assert "m3id-long" in EXPERIMENTS
+    summary = run_experiment(
+        "m3id-long",
+        tmp_path,
+        seeds=(0, 1),
+        n_train_scenes=32,
+        train_steps=3,
+        batch_size=8,
+        hidden=32,
+        n_test_scenes=6,
+        max_new_tokens=10,
+    )
+    out = tmp_path / "m3id-long"
+    for name in ("config.json", "summary.json", "results.json", "results.csv", "m3id_long.png"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    agg = results["aggregate"]
+    assert set(agg) == {"greedy", "m3id_default", "m3id_lambda=0.05", "m3id_lambda=0.1"}
+    assert agg["greedy"]["changed"]["max"] == 0.0 and "gate" not in agg["m3id_default"]
+    for metrics in agg.values():
+        for key in ("chair_i", "chair_s", "cover", "partner", "changed"):
+            assert 0.0 <= metrics[key]["min"] <= metrics[key]["mean"] <= metrics[key]["max"] <= 1.0
+    assert 0.0 <= agg["greedy"]["gate"]["mean"] <= 1.0
+    assert 1.0 <= agg["greedy"]["tokens"]["mean"] <= 10.0
+    assert summary["greedy:chair_s"] == pytest.approx(agg["greedy"]["chair_s"]["mean"], abs=1e-4)
+    paired = results["paired_vs_greedy"]
+    assert set(paired) == set(agg) - {"greedy"}
+    for method, metrics in paired.items():
+        for key, d in metrics.items():  # the mean paired difference is the difference of the means
+            assert d["mean"] == pytest.approx(agg[method][key]["mean"] - agg["greedy"][key]["mean"], abs=1e-9)
+            assert 0 <= d["n_lower"] <= 2
