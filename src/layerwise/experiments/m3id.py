@@ -332,23 +332,31 @@ def _figure(agg: dict, config: Config, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _run_seeds(config: Any, one_seed: Any, desc: str) -> list[dict[str, Any]]:
+    """Rows of ``one_seed(config, seed)`` for every seed of ``config``, with torch limited to
+    ``config.torch_threads`` meanwhile (tiny models: more threads only add OpenMP overhead)."""
+    import torch
+
+    rows: list[dict[str, Any]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.torch_threads)
+    try:
+        for seed in tqdm(config.seeds, desc=desc, unit="seed"):
+            rows.extend(one_seed(config, seed))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
 def run(config: Config, out: Path) -> dict[str, Any]:
     """Run the study for every seed; write results.json, results.csv and m3id.png into ``out``."""
     from ..decoding._hf import require
 
     require("transformers", "hf")
     require("trl", "dpo")
-    import torch
 
     out = Path(out)
-    rows: list[dict[str, Any]] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.torch_threads)
-    try:
-        for seed in tqdm(config.seeds, desc="m3id seeds", unit="seed"):
-            rows.extend(_one_seed(config, seed))
-    finally:
-        torch.set_num_threads(threads)
+    rows = _run_seeds(config, _one_seed, "m3id seeds")
     agg = _aggregate(rows)
     write_csv(out / "results.csv", rows)
     write_json(out / "results.json", {"per_seed": rows, "aggregate": agg})

@@ -33,11 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .._io import save_figure, write_csv, write_json
 from ._base import EXPERIMENTS, Experiment
-from .m3id import _aggregate
+from .m3id import _aggregate, _run_seeds
 
 __all__ = ["Config", "run"]
 
@@ -246,17 +244,9 @@ def run(config: Config, out: Path) -> dict[str, Any]:
     from ..decoding._hf import require
 
     require("transformers", "hf")
-    import torch
 
     out = Path(out)
-    rows: list[dict[str, Any]] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.torch_threads)
-    try:
-        for seed in tqdm(config.seeds, desc="m3id-long seeds", unit="seed"):
-            rows.extend(_one_seed(config, seed))
-    finally:
-        torch.set_num_threads(threads)
+    rows = _run_seeds(config, _one_seed, "m3id-long seeds")
     agg = _aggregate(rows, METRICS)
     paired = _paired(rows)
     write_csv(out / "results.csv", rows)
