@@ -156,23 +156,26 @@ def _evaluate(
     }
 
 
-def _one_seed(config: Config, seed: int) -> list[dict[str, Any]]:
-    import torch
+def _trained_toy_world(
+    config: Any, spec: Any, seed: int, pope_fraction: float = 0.5
+) -> tuple[Any, Any, list[Any], list[Any]]:
+    """Train a toy Llava of ``config`` (hidden, n_train_scenes, train_steps, batch_size, image_dropout) on
+    the scenes of ``spec``; return ``(processor, model, test scenes, test PIL images)``.
+
+    Every role (model init, scenes, images, examples, training, test set) draws from its own stream derived
+    from ``seed``, so studies that share this setup see the same worlds for the same seed.
+    """
     from PIL import Image
 
-    from ..decoding.dpo import build_preference_pairs, first_words, train_dpo
     from ..decoding.toy_vlm import (
-        SceneSpec,
         build_processor,
         build_toy_llava,
-        caption_prompt,
         make_examples,
         render_scene,
         sample_scenes,
         train_toy_vlm,
     )
 
-    spec = SceneSpec()
     proc = build_processor(spec)
     model = build_toy_llava(spec, hidden=config.hidden, seed=seed)
     base = 1000 * seed  # distinct, reproducible streams for each seed and role
@@ -182,7 +185,7 @@ def _one_seed(config: Config, seed: int) -> list[dict[str, Any]]:
         model,
         proc,
         train_imgs,
-        make_examples(spec, train, seed=base + 2),
+        make_examples(spec, train, pope_fraction=pope_fraction, seed=base + 2),
         steps=config.train_steps,
         batch_size=config.batch_size,
         image_dropout=config.image_dropout,
@@ -192,6 +195,19 @@ def _one_seed(config: Config, seed: int) -> list[dict[str, Any]]:
     test_imgs = [
         Image.fromarray(render_scene(spec, s, seed=base * 100_000 + 50_000 + i)) for i, s in enumerate(test)
     ]
+    return proc, model, test, test_imgs
+
+
+def _one_seed(config: Config, seed: int) -> list[dict[str, Any]]:
+    import torch
+    from PIL import Image
+
+    from ..decoding.dpo import build_preference_pairs, first_words, train_dpo
+    from ..decoding.toy_vlm import SceneSpec, caption_prompt, render_scene, sample_scenes
+
+    spec = SceneSpec()
+    proc, model, test, test_imgs = _trained_toy_world(config, spec, seed)
+    base = 1000 * seed
     pope = _pope_items(spec, test, seed=base + 5)
     kw = {"t0_pope": config.pope_t0, "max_new_tokens": config.max_new_tokens}
     methods: list[tuple[str, float | None, float, float | None]] = [

@@ -10,7 +10,7 @@ below 0.13 there. Here the same toy world (:mod:`layerwise.decoding.toy_vlm`) is
 <object>" and listed in a random order (``shuffle_captions``; in a fixed order the choice at each step is
 nearly binary, the model stays confident and the paper's gate ``max p < 0.3`` never opened on the validation
 seed), so captions run to about 20-50 tokens (30 on average) and the paper's weight ``exp(0.02 t) - 1``
-reaches about 0.5-1.7 by the end (0.8 at the average length). Four co-occurrence pairs (``p_cooccur`` in
+reaches about 0.5-1.7 by the end (0.8 at the average length). Four co-occurrence pairs (``scene.p_cooccur`` in
 training, broken in the test scenes), partners drawn at low contrast, and ``image_dropout`` of the training
 examples without the image (so the image-free branch is a real language prior). Training is captioning only.
 
@@ -34,26 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from .._io import save_figure, write_csv, write_json
+from ..decoding.toy_vlm import SceneSpec
 from ._base import EXPERIMENTS, Experiment
-from .m3id import _aggregate, _run_seeds
+from .m3id import _aggregate, _run_seeds, _trained_toy_world
 
 __all__ = ["Config", "run"]
-
-OBJECTS = (
-    "cat",
-    "dog",
-    "bus",
-    "car",
-    "tree",
-    "kite",
-    "bird",
-    "fork",
-    "cup",
-    "boat",
-    "knife",
-    "spoon",
-)
-PAIRS = (("fork", "cup"), ("bus", "car"), ("kite", "bird"), ("knife", "spoon"))
 
 
 @dataclass(frozen=True)
@@ -61,15 +46,16 @@ class Config:
     """Sizes of the m3id-long study (see the module docstring)."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
-    objects: tuple[str, ...] = OBJECTS
-    pairs: tuple[tuple[str, str], ...] = PAIRS
-    min_objects: int = 5
-    max_objects: int = 8
-    caption_phrase: str = "there is a {}"
-    shuffle_captions: bool = True
-    p_cooccur: float = 0.9
-    p_cooccur_test: float = 0.5
-    weak_contrast: float = 0.25
+    # 12 object kinds, 5-8 per scene plus partners, four 90%-co-occurring pairs (50% in test scenes),
+    # each object written "there is a X" in a random order: 20-50-token captions.
+    scene: SceneSpec = SceneSpec(
+        objects=("cat", "dog", "bus", "car", "tree", "kite", "bird", "fork", "cup", "boat", "knife", "spoon"),
+        pairs=(("fork", "cup"), ("bus", "car"), ("kite", "bird"), ("knife", "spoon")),
+        min_objects=5,
+        max_objects=8,
+        caption_phrase="there is a {}",
+        shuffle_captions=True,
+    )
     n_train_scenes: int = 3000
     train_steps: int = 1200
     batch_size: int = 32
@@ -84,22 +70,6 @@ class Config:
 
 
 METRICS = ("chair_s", "chair_i", "cover", "length", "partner", "changed", "gate", "tokens")
-
-
-def _spec(config: Config) -> Any:
-    from ..decoding.toy_vlm import SceneSpec
-
-    return SceneSpec(
-        objects=config.objects,
-        pairs=config.pairs,
-        p_cooccur=config.p_cooccur,
-        p_cooccur_test=config.p_cooccur_test,
-        weak_contrast=config.weak_contrast,
-        min_objects=config.min_objects,
-        max_objects=config.max_objects,
-        caption_phrase=config.caption_phrase,
-        shuffle_captions=config.shuffle_captions,
-    )
 
 
 def _greedy(model: Any, proc: Any, images: list[Any], prompts: list[str], n: int, alpha: float) -> tuple:
@@ -122,39 +92,13 @@ def _greedy(model: Any, proc: Any, images: list[Any], prompts: list[str], n: int
 
 def _one_seed(config: Config, seed: int) -> list[dict[str, Any]]:
     import torch
-    from PIL import Image
 
     from ..decoding import chair, extract_objects, m3id_generate
-    from ..decoding.toy_vlm import (
-        build_processor,
-        build_toy_llava,
-        caption_prompt,
-        make_examples,
-        render_scene,
-        sample_scenes,
-        train_toy_vlm,
-    )
+    from ..decoding.toy_vlm import caption_prompt
 
-    spec = _spec(config)
-    proc = build_processor(spec)
-    model = build_toy_llava(spec, hidden=config.hidden, seed=seed)
-    base = 1000 * seed
-    train = sample_scenes(spec, config.n_train_scenes, seed=base + 1)
-    train_imgs = [render_scene(spec, s, seed=base * 100_000 + i) for i, s in enumerate(train)]
-    train_toy_vlm(
-        model,
-        proc,
-        train_imgs,
-        make_examples(spec, train, pope_fraction=0.0, seed=base + 2),
-        steps=config.train_steps,
-        batch_size=config.batch_size,
-        image_dropout=config.image_dropout,
-        seed=base + 3,
-    )
-    test = sample_scenes(spec, config.n_test_scenes, test=True, seed=base + 4)
-    imgs = [
-        Image.fromarray(render_scene(spec, s, seed=base * 100_000 + 50_000 + i)) for i, s in enumerate(test)
-    ]
+    spec = config.scene
+    # Captioning only (no yes/no questions): the study is about long generations.
+    proc, model, test, imgs = _trained_toy_world(config, spec, seed, pope_fraction=0.0)
     prompts = [caption_prompt()] * len(imgs)
     synonyms = {o: [o + "s"] for o in spec.objects}
     # scenes where a co-occurrence partner B is absent although its A is present
