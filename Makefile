@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) torch==2.13.0
-	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[dev,hf,diffusion,dpo]"
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[dev,hf,diffusion,dpo,data,dask,slurm]"
 	touch $@
 
 $(VENV_VISION)/.installed: pyproject.toml constraints.txt
