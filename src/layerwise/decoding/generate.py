@@ -2,15 +2,18 @@
 
 Two implementations of the same rule (:mod:`layerwise.decoding.m3id`):
 
-* ``path="processor"``: :class:`M3IDLogitsProcessor` inside ``generate``'s own loop; the image-free branch is
-  a second forward pass per step with its own KV cache.
+* ``path="processor"``: :class:`M3IDLogitsProcessor` inside ``generate``'s own loop, attached to the model's
+  output so that it acts before ``generate``'s processors; the image-free branch is a second forward pass
+  per step with its own KV cache.
 * ``path="batched"``: :func:`m3id_custom_generate`, a decoding loop passed to
   ``generate(custom_generate=...)`` that stacks the conditional and the unconditional rows into one batch of
   ``2 * batch`` rows, so each step costs one forward pass.
 
-Both give the same tokens for greedy decoding (tested). The image-free prompt of a Llava-family model drops
-the image tokens (default) or keeps their positions with the attention mask set to 0 there (``"mask"``);
-for any conditional LM (e.g. document-grounded generation) pass the condition-free prompts yourself.
+Both apply M3ID first, then ``generate``'s logits processors (bad words, repetition penalty, temperature,
+top-k, ...), and give the same tokens for greedy decoding with any of them (tested). The image-free
+prompt of a Llava-family model drops the image tokens (default) or keeps their positions with the attention
+mask set to 0 there (``"mask"``); for any conditional LM (e.g. document-grounded generation) pass the
+condition-free prompts yourself.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice
+from ..errors import ParameterError, ParameterTypeError
 from ._hf import forward_step, positions_from_mask, require
 from .m3id import M3IDLogitsProcessor, check_m3id_params, check_plausibility, m3id_scores
 
@@ -110,11 +114,11 @@ def m3id_custom_generate(
     lambda_, alpha, t0, max_weight = check_m3id_params(m3id_lambda, m3id_alpha, m3id_t0, m3id_max_weight)
     plausibility = check_plausibility(m3id_plausibility)
     if getattr(generation_config, "num_beams", 1) > 1:
-        raise ValueError(
+        raise ParameterError(
             f"M3ID supports greedy decoding and sampling only, got num_beams={generation_config.num_beams}"
         )
     if m3id_unconditional_ids is None:
-        raise ValueError("m3id_unconditional_ids is required (the condition-free prompt)")
+        raise ParameterError("m3id_unconditional_ids is required (the condition-free prompt)")
     b, device = input_ids.shape[0], input_ids.device
     pad = generation_config._pad_token_tensor
     pad_id = int(pad) if pad is not None else 0
@@ -128,7 +132,9 @@ def m3id_custom_generate(
     u_pos = positions_from_mask(u_mask) if u_pos is None else u_pos.to(device).long()
     if u_ids.shape[0] != b:
         if b % u_ids.shape[0]:
-            raise ValueError(f"m3id_unconditional_ids has {u_ids.shape[0]} rows, the prompt batch has {b}")
+            raise ParameterError(
+                f"m3id_unconditional_ids has {u_ids.shape[0]} rows, the prompt batch has {b}"
+            )
         k = b // u_ids.shape[0]  # num_return_sequences: generate repeats each prompt k times
         u_ids, u_mask, u_pos = (x.repeat_interleave(k, dim=0) for x in (u_ids, u_mask, u_pos))
     # One batch of 2b rows: conditional rows first, then unconditional; both left-padded to one length.
@@ -188,7 +194,7 @@ def _image_token_id(model: Any, tokenizer: Any) -> int:
         value = getattr(source, name, None)
         if isinstance(value, int):
             return value
-    raise ValueError(
+    raise ParameterError(
         "cannot find the image token id on model.config or the tokenizer; pass unconditional_prompts"
     )
 
@@ -234,7 +240,6 @@ def m3id_generate(
     list of ``len(prompts) * num_return_sequences`` strings (special tokens skipped).
     """
     require("transformers", "hf")
-    from transformers import LogitsProcessorList
 
     check_m3id_params(lambda_, alpha, t0, max_weight)
     check_plausibility(plausibility)
@@ -242,15 +247,15 @@ def m3id_generate(
     check_choice("unconditional", unconditional, UNCONDITIONAL_MODES)
     num_beams = generate_kwargs.get("num_beams", getattr(model.generation_config, "num_beams", 1)) or 1
     if num_beams > 1:
-        raise ValueError(
+        raise ParameterError(
             f"M3ID supports greedy decoding and sampling only (num_beams=1), got num_beams={num_beams}"
         )
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be a sequence of strings")
+        raise ParameterTypeError("prompts must be a sequence of strings")
     if images is not None and len(images) != len(prompts):
-        raise ValueError(f"images must have one entry per prompt ({len(prompts)}), got {len(images)}")
+        raise ParameterError(f"images must have one entry per prompt ({len(prompts)}), got {len(images)}")
     if unconditional_prompts is not None and len(unconditional_prompts) != len(prompts):
-        raise ValueError(
+        raise ParameterError(
             f"unconditional_prompts must have one entry per prompt ({len(prompts)}), "
             f"got {len(unconditional_prompts)}"
         )
@@ -262,7 +267,7 @@ def m3id_generate(
         )
     else:
         if unconditional_prompts is None:
-            raise ValueError(
+            raise ParameterError(
                 "unconditional_prompts is required when images is None (the condition-free prompts)"
             )
         inputs = tokenizer(list(prompts), padding=True, padding_side="left", return_tensors="pt")
@@ -275,11 +280,14 @@ def m3id_generate(
             inputs, image_token_id=_image_token_id(model, tokenizer), pad_token_id=pad_id, mode=unconditional
         )
     generate_kwargs.setdefault("pad_token_id", pad_id)
+    hook: Any = contextlib.nullcontext()
     if path == "processor":
-        proc = M3IDLogitsProcessor(
+        # M3ID acts on the model's log-probabilities, before generate's own processors (as in the batched
+        # loop): attach it to the model's output rather than appending it to generate's processor chain.
+        hook = M3IDLogitsProcessor(
             model, unc, lambda_=lambda_, alpha=alpha, t0=t0, max_weight=max_weight, plausibility=plausibility
-        )
-        extra = {"logits_processor": LogitsProcessorList([proc])}
+        ).attach()
+        extra: dict[str, Any] = {}
     else:
         extra = {
             "custom_generate": m3id_custom_generate,
@@ -293,7 +301,7 @@ def m3id_generate(
             "m3id_plausibility": plausibility,
         }
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
-    with rng:
+    with rng, hook:
         if seed is not None:
             torch.manual_seed(seed)
         out = model.generate(**inputs, **extra, **generate_kwargs)

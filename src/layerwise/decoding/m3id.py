@@ -17,17 +17,26 @@ weight from promoting tokens that are merely less unlikely with the image than w
 
 :func:`m3id_scores` is the formula as a pure function; :class:`M3IDLogitsProcessor` plugs it into Hugging
 Face ``generate`` (greedy and sampling) by running its own image-free forward pass with its own KV cache.
+
+Where in the chain: the rule acts on the model's conditional and unconditional log-probabilities, so
+M3ID comes *first*, before every other logits processor or sampling transform (bad words, repetition
+penalty, temperature, top-k/top-p). Both decoding paths of :func:`layerwise.decoding.m3id_generate` do
+this: the batched loop applies M3ID and then ``generate``'s processors; the processor path attaches the
+processor to the model's output (:meth:`M3IDLogitsProcessor.attach`), because ``generate`` always runs
+its own processors before any user-supplied one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from .._validation import check_float
+from ..errors import ParameterError, ParameterTypeError
 from ._hf import forward_step, positions_from_mask
 
 __all__ = ["m3id_weight", "m3id_scores", "M3IDLogitsProcessor", "check_m3id_params", "check_plausibility"]
@@ -105,7 +114,7 @@ def m3id_scores(
     0
     """
     if cond_logprobs.shape != uncond_logprobs.shape:
-        raise ValueError(
+        raise ParameterError(
             f"cond_logprobs and uncond_logprobs must have the same shape, got {tuple(cond_logprobs.shape)} "
             f"and {tuple(uncond_logprobs.shape)}"
         )
@@ -169,19 +178,19 @@ class M3IDLogitsProcessor:
         self.lambda_, self.alpha, self.t0, self.max_weight = check_m3id_params(lambda_, alpha, t0, max_weight)
         self.plausibility = check_plausibility(plausibility)
         if not isinstance(unconditional_inputs, Mapping) or "input_ids" not in unconditional_inputs:
-            raise TypeError(
+            raise ParameterTypeError(
                 "unconditional_inputs must be a mapping with 'input_ids' (and optionally 'attention_mask', "
                 f"'position_ids'), got {type(unconditional_inputs).__name__}"
             )
         ids = unconditional_inputs["input_ids"]
         if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
-            raise ValueError(f"unconditional_inputs['input_ids'] must be a 2-D tensor, got {ids!r}")
+            raise ParameterError(f"unconditional_inputs['input_ids'] must be a 2-D tensor, got {ids!r}")
         mask = unconditional_inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask.to(ids.device).long()
         pos = unconditional_inputs.get("position_ids")
         pos = positions_from_mask(mask) if pos is None else pos.to(ids.device).long()
         if mask.shape != ids.shape or pos.shape != ids.shape:
-            raise ValueError(
+            raise ParameterError(
                 "unconditional_inputs: attention_mask and position_ids must have the shape of input_ids "
                 f"{tuple(ids.shape)}, got {tuple(mask.shape)} and {tuple(pos.shape)}"
             )
@@ -190,6 +199,8 @@ class M3IDLogitsProcessor:
         self._cache: Any = None
         self._prompt_len: int | None = None
         self._prev: torch.Tensor | None = None
+        self._hook_handle: Any = None
+        self._in_own_forward = False
         self.weights_: list[float] = []
 
     def _unconditional_logprobs(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -198,7 +209,7 @@ class M3IDLogitsProcessor:
             n, b = input_ids.shape[0], self._ids.shape[0]
             if n != b:
                 if n % b:
-                    raise ValueError(
+                    raise ParameterError(
                         f"generate has {n} rows but unconditional_inputs has {b}; beam search is not "
                         "supported by M3IDLogitsProcessor (use greedy or sampling)"
                     )
@@ -212,7 +223,7 @@ class M3IDLogitsProcessor:
         else:
             prev = self._prev
             if input_ids.shape[1] != prev.shape[1] + 1 or not torch.equal(input_ids[:, :-1], prev):
-                raise ValueError(
+                raise ParameterError(
                     "M3IDLogitsProcessor saw rows that do not extend the previous step's rows: beam search "
                     "(or reuse of one processor across generate calls) is not supported; use greedy "
                     "decoding or sampling and a new processor per generate call"
@@ -222,14 +233,64 @@ class M3IDLogitsProcessor:
             pos = self._pos[:, -1:] + 1
             self._pos = pos
         self._prev = input_ids
-        with torch.no_grad():
-            logits, self._cache = forward_step(
-                self.model, ids.to(input_ids.device), self._mask, pos, self._cache
-            )
+        self._in_own_forward = True
+        try:
+            with torch.no_grad():
+                logits, self._cache = forward_step(
+                    self.model, ids.to(input_ids.device), self._mask, pos, self._cache
+                )
+        finally:
+            self._in_own_forward = False
         return torch.log_softmax(logits, dim=-1)
 
+    @contextlib.contextmanager
+    def attach(self) -> Iterator[M3IDLogitsProcessor]:
+        """Apply M3ID to the model's own output logits, *before* any of ``generate``'s logits processors.
+
+        Inside the ``with`` block, a forward hook on ``model`` replaces the last-position logits of every
+        forward pass that ``generate`` runs by the M3ID scores (computed from the raw conditional
+        log-probabilities and this processor's image-free branch). ``generate``'s own processors
+        (``bad_words_ids``, repetition penalty, temperature, top-k, ...) then act on the M3ID scores, exactly
+        as in the batched path (:func:`layerwise.decoding.m3id_custom_generate`). Do not also pass the
+        processor in ``logits_processor``. ``output_scores``/``output_logits`` then report M3ID scores.
+
+        Example
+        -------
+        >>> with M3IDLogitsProcessor(model, unc).attach():          # doctest: +SKIP
+        ...     out = model.generate(**inputs, bad_words_ids=[[5]])  # doctest: +SKIP
+        """
+        if self._hook_handle is not None:
+            raise RuntimeError("this M3IDLogitsProcessor is already attached to its model")
+        self._hook_handle = self.model.register_forward_hook(self._output_hook, with_kwargs=True)
+        try:
+            yield self
+        finally:
+            self._hook_handle.remove()
+            self._hook_handle = None
+
+    def _output_hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self._in_own_forward:  # the image-free branch's own forward pass: leave it alone
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            raise ParameterError("M3IDLogitsProcessor.attach needs generate to pass input_ids to the model")
+        # generate feeds the whole prompt first, then one new token per step (the rest is in its cache)
+        full = ids if self._prev is None else torch.cat([self._prev, ids[:, -1:].to(self._prev.device)], 1)
+        logits = output.logits  # (batch, positions, vocab); generate reads the last position
+        scores = self(full, logits[:, -1])
+        new = logits.float().clone()
+        new[:, -1] = scores.to(new.device)
+        output.logits = new
+        return output
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """input_ids: (batch, length) so far; scores: (batch, vocab) -> M3ID scores (batch, vocab)."""
+        """input_ids: (batch, length) so far; scores: (batch, vocab) -> M3ID scores (batch, vocab).
+
+        Used in ``logits_processor=[...]``, the processor sees the scores *after* the processors that
+        ``generate`` builds from its own arguments (they always come first in ``generate``'s chain); with
+        any such processor active, use :meth:`attach` instead so that M3ID acts on the model's
+        log-probabilities as the paper's rule does.
+        """
         cond = torch.log_softmax(scores.float(), dim=-1)
         uncond = self._unconditional_logprobs(input_ids)
         t = input_ids.shape[1] - self._prompt_len
