@@ -1,6 +1,8 @@
 # layerwise developer commands. Each target creates what it needs (a local virtual environment) first.
 #   make demo   set up, then run every experiment at quick scale and write results/report.html
-#   make test   set up, then lint and run the whole test suite (what CI runs)
+#   make report-check   render results/report.html with headless Chromium to results/report.png (look at it)
+#   make test   set up, then lint, run the whole test suite and the doctests, build the docs (what CI runs)
+#   make docs   build the documentation site into site/ (mkdocs build --strict: broken links fail)
 #
 # torch is installed first and pinned (constraints.txt) so that no dependency can pull a CUDA build.
 # The vision extras (timm, open_clip) need torchvision, whose PyPI build does not import beside the CPU
@@ -15,14 +17,14 @@ PYV := $(VENV_VISION)/bin/python
 OUT ?= results
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install demo test test-main test-vision lint bench clean
+.PHONY: install demo test test-main test-vision test-doctest docs lint bench clean report-check
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(PIP_FLAGS) torch==2.13.0
-	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[dev,hf,diffusion,dpo,data,dask,slurm]"
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[dev,docs,hf,diffusion,dpo,data,dask,slurm,lora]"
 	touch $@
 
 $(VENV_VISION)/.installed: pyproject.toml constraints.txt
@@ -34,8 +36,20 @@ $(VENV_VISION)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(VENV)/bin/layerwise reproduce all --scale quick --out $(OUT)
 
+# Needs Chromium (Debian: apt-get install chromium); not needed by `make test`. Rebuilds the page from
+# $(OUT) first, then screenshots it as a reader would see it (1400 px wide, the first 3000 px).
+CHROMIUM ?= chromium
+report-check:  # after `make demo` (or any `layerwise reproduce --out $(OUT)`)
+	$(VENV)/bin/layerwise report $(OUT)
+	@command -v $(CHROMIUM) >/dev/null || { echo "report-check needs $(CHROMIUM) (apt-get install chromium)"; exit 1; }
+	profile=$$(mktemp -d) && $(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking \
+		--disable-component-update --disable-sync --no-first-run --user-data-dir=$$profile \
+		--window-size=1400,3000 --screenshot=$(abspath $(OUT))/report.png "file://$(abspath $(OUT))/report.html"; \
+		status=$$?; rm -rf $$profile; exit $$status
+	@echo "look at $(OUT)/report.png"
+
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples docs/_hooks
 
 test-main: install
 	$(PY) -m pytest -q tests --ignore=tests/vision
@@ -43,10 +57,19 @@ test-main: install
 test-vision: $(VENV_VISION)/.installed
 	$(PYV) -m pytest -q tests/vision
 
-test: lint test-vision test-main
+# The `>>>` examples of every module (outputs are machine-independent; hub-dependent ones are +SKIP).
+test-doctest: install
+	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules src/layerwise
+
+# The documentation site (MkDocs + Material + mkdocstrings): strict, so broken links, unresolved
+# references and docstring warnings fail. About 5 s.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict  # not --quiet: it hides the warnings strict counts
+
+test: lint docs test-doctest test-vision test-main
 
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(VENV_VISION) $(OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_VISION) $(OUT) site .pytest_cache .ruff_cache

@@ -1,4 +1,6 @@
-"""Time per generated token: greedy vs M3ID (logits-processor path) vs M3ID (batched path), same process.
+"""Time per generated token: greedy vs M3ID (processor path, attached to the model output as
+``m3id_generate(path="processor")`` runs it; and appended to ``logits_processor`` as before) vs M3ID
+(batched path), same process.
 
 Run: ``.venv/bin/python benchmarks/bench_m3id.py [--quick] [--device cuda --large]``
 
@@ -50,6 +52,12 @@ def _sync() -> None:
 
 def _processor_path(model, inputs, unc, kw):
     p = M3IDLogitsProcessor(model, unc, lambda_=0.02, alpha=0.3)  # one processor per generate call
+    with p.attach():  # as m3id_generate(path="processor") runs it: M3ID before generate's processors
+        return model.generate(**inputs, **kw)
+
+
+def _appended_processor_path(model, inputs, unc, kw):
+    p = M3IDLogitsProcessor(model, unc, lambda_=0.02, alpha=0.3)
     return model.generate(**inputs, logits_processor=LogitsProcessorList([p]), **kw)
 
 
@@ -67,7 +75,10 @@ def main() -> None:
     spec = SceneSpec()
     proc = build_processor(spec)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, new tokens per call: {new_tokens}")
-    print(f"{'model':<22}{'batch':>6}{'greedy ms/tok':>15}{'processor x':>13}{'batched x':>11}{'same':>8}")
+    print(
+        f"{'model':<22}{'batch':>6}{'greedy ms/tok':>15}{'processor x':>13}{'appended x':>12}"
+        f"{'batched x':>11}{'same':>8}"
+    )
     sizes = [("toy (hidden 64)", 64, 2), ("wider (hidden 256)", 256, 4)]
     if args.large:
         sizes.append(("large (hidden 1024)", 1024, 8))
@@ -98,12 +109,17 @@ def main() -> None:
                 **kw,
             )
             processor_path = partial(_processor_path, model, inputs, unc, kw)
+            appended = partial(_appended_processor_path, model, inputs, unc, kw)
 
             with torch.no_grad():
-                t_g, t_p, t_b = _time_interleaved([greedy, processor_path, batched_path], repeats)
+                fns = [greedy, processor_path, appended, batched_path]
+                t_g, t_p, t_a, t_b = _time_interleaved(fns, repeats)
                 same = torch.equal(processor_path(), batched_path())  # the two paths' greedy tokens
             per_tok = 1000 * t_g / new_tokens
-            print(f"{label:<22}{batch:>6}{per_tok:>15.2f}{t_p / t_g:>13.2f}{t_b / t_g:>11.2f}{str(same):>8}")
+            print(
+                f"{label:<22}{batch:>6}{per_tok:>15.2f}{t_p / t_g:>13.2f}{t_a / t_g:>12.2f}{t_b / t_g:>11.2f}"
+                f"{str(same):>8}"
+            )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,15 @@ pulled); if that fails the mergekit rows are skipped with a message.
 Targets (issue 4): peak RSS <= RSS after imports + 3 x the largest tensor; wall time <= mergekit's; outputs
 equal to mergekit's task_arithmetic to 1e-6.
 
-Usage: ``python benchmarks/bench_merge.py [--layers 8] [--no-mergekit] [--workdir DIR] [--keep]``
-(about 10 minutes on a shared 2-core machine; needs ~8 GB of disk and ~5 GB of RAM for the naive baseline).
+Command line against command line (issue 15): the same mergekit YAML file is given to ``layerwise merge``
+and to ``mergekit-yaml`` (0.1.5, pinned), each timed as a whole process (start-up, imports and merge)
+with its peak RSS, ``--repeats`` times (default 3) in alternating order, reporting min and median, for
+task_arithmetic, ties (density 0.2), slerp (t 0.5, base + ft0) and a LoRA merge (a rank-16 adapter on the
+attention projections, ``base+adapter`` task arithmetic); the outputs are compared entry by entry.
+
+Usage: ``python benchmarks/bench_merge.py [--layers 8] [--no-mergekit] [--workdir DIR] [--keep]
+[--repeats 3] [--cli-methods ta,ties,slerp,lora] [--no-inprocess] [--no-cli]`` (about 30 minutes on a shared
+2-core machine at the default size; needs ~8 GB of disk and ~5 GB of RAM for the naive baseline).
 """
 
 from __future__ import annotations
@@ -59,7 +66,9 @@ def _child(job: str, work: Path) -> None:
         method = "task_arithmetic" if job == "layerwise_ta" else "ties"
         lines = LinesSpec(beta=0.5) if job == "layerwise_ties_lines" else None
         params = {} if method == "task_arithmetic" else {"density": 0.2}
-        merge_models(method, fts, base, params=params, lines=lines, out=out, max_shard_bytes="2GB")
+        merge_models(
+            method, fts, base, params=params, lines=lines, out=out, max_shard_bytes="2GB", overwrite=True
+        )
     elif job.startswith("naive"):
         _naive(job, base, fts, out, torch)
     else:
@@ -192,7 +201,9 @@ def ensure_mergekit(venv: Path) -> Path | None:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         subprocess.run([*pip, "torch==2.13.0"], check=True, timeout=1800)
-        subprocess.run([*pip, "-c", str(REPO / "constraints.txt"), "mergekit"], check=True, timeout=1800)
+        subprocess.run(
+            [*pip, "-c", str(REPO / "constraints.txt"), "mergekit==0.1.5"], check=True, timeout=1800
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as err:
         print(f"[bench] mergekit unavailable, skipping its rows ({err})")
         return None
@@ -244,6 +255,166 @@ def run_mergekit(exe: Path, work: Path, method: str) -> dict:
     return info
 
 
+LORA_RANK = 16
+CLI_METHODS = ("ta", "ties", "slerp", "lora")
+EXTRA_CLI_METHODS = ("breadcrumbs", "breadcrumbs_ties", "model_stock")  # output comparisons (not default)
+
+
+def build_lora(work: Path, rank: int = LORA_RANK) -> Path:
+    """A PEFT-layout LoRA adapter (q/k/v/o projections of every layer) for the base in ``work``."""
+    import torch
+
+    from layerwise.editing import open_checkpoint
+    from layerwise.editing.checkpoints import save_checkpoint
+
+    folder = work / "lora"
+    if (folder / "adapter_model.safetensors").exists():
+        return folder
+    tensors = {}
+    with open_checkpoint(work / "base") as ck:
+        targets = [k for k in ck.keys() if ".self_attn." in k and k.endswith("_proj.weight")]
+        g = torch.Generator().manual_seed(0)
+        for k in targets:
+            out_f, in_f = ck.shape(k)
+            m = "base_model.model." + k[: -len(".weight")]
+            tensors[m + ".lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f**0.5
+            tensors[m + ".lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.002
+    tmp = work / "lora_weights"
+    save_checkpoint(tensors, tmp)
+    folder.mkdir(exist_ok=True)
+    (tmp / "model.safetensors").rename(folder / "adapter_model.safetensors")
+    shutil.rmtree(tmp)
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "base_model_name_or_path": str(work / "base"),
+            }
+        )
+    )
+    return folder
+
+
+def mergekit_yaml(work: Path, method: str) -> Path:
+    """The mergekit config of one CLI job (read unchanged by both tools)."""
+    import yaml
+
+    base = str(work / "base")
+    if method == "ta":
+        models = [{"model": str(work / f"ft{i}"), "parameters": {"weight": 1.0}} for i in range(MODELS)]
+        cfg = {"merge_method": "task_arithmetic", "models": models}
+    elif method == "ties":
+        models = [
+            {"model": str(work / f"ft{i}"), "parameters": {"weight": 1.0, "density": 0.2}}
+            for i in range(MODELS)
+        ]
+        cfg = {"merge_method": "ties", "models": models}
+    elif method == "slerp":
+        cfg = {
+            "merge_method": "slerp",
+            "models": [{"model": base}, {"model": str(work / "ft0")}],
+            "parameters": {"t": 0.5},
+        }
+    elif method in ("breadcrumbs", "breadcrumbs_ties"):
+        models = [
+            {"model": str(work / f"ft{i}"), "parameters": {"weight": 1.0, "density": 0.3, "gamma": 0.01}}
+            for i in range(MODELS)
+        ]
+        cfg = {"merge_method": method, "models": models}
+    elif method == "model_stock":
+        cfg = {
+            "merge_method": "model_stock",
+            "models": [{"model": str(work / f"ft{i}")} for i in range(MODELS)],
+        }
+    elif method == "lora":
+        adapter = build_lora(work)
+        cfg = {
+            "merge_method": "task_arithmetic",
+            "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}],
+        }
+    else:
+        raise ValueError(method)
+    cfg.update({"base_model": base, "dtype": "float32", "out_dtype": "float32"})
+    path = work / f"cli_{method}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(tool: str, exe: Path, cfg: Path, out: Path) -> dict:
+    """One whole-process run of ``layerwise merge`` or ``mergekit-yaml`` on ``cfg`` into a fresh ``out``."""
+    if out.exists():
+        shutil.rmtree(out)  # written by an earlier repeat of this benchmark
+    if tool == "layerwise":
+        cmd = [str(exe), "merge", str(cfg), "--out", str(out), "--no-progress"]
+    else:
+        cache = out.parent / "mergekit_lora_cache"
+        if cache.exists():
+            shutil.rmtree(cache)  # every repeat merges the adapter again (no warm cache)
+        cmd = [str(exe), str(cfg), str(out), "--no-copy-tokenizer", "--out-shard-size", "2B"]
+        cmd += ["--lazy-unpickle", "--quiet", "--lora-merge-cache", str(cache)]
+    return _measured(cmd)
+
+
+def cli_benchmark(work: Path, mk_exe: Path | None, methods: list[str], repeats: int) -> dict:
+    """Alternating whole-process runs; returns ``{method: {tool: [runs]}}`` and prints each run."""
+    import statistics
+
+    lw_exe = Path(sys.executable).parent / "layerwise"
+    results: dict[str, dict[str, list[dict]]] = {}
+    for method in methods:
+        cfg = mergekit_yaml(work, method)
+        tools = [("layerwise", lw_exe)] + ([("mergekit", mk_exe)] if mk_exe is not None else [])
+        runs: dict[str, list[dict]] = {t: [] for t, _ in tools}
+        for r in range(repeats):
+            for tool, exe in tools if r % 2 == 0 else tools[::-1]:
+                try:
+                    info = run_cli(tool, exe, cfg, work / f"cli_out_{tool}_{method}")
+                except RuntimeError as err:
+                    print(f"[bench] {tool} {method} failed: {str(err)[-2000:]}", flush=True)
+                    continue
+                runs[tool].append(info)
+                print(
+                    f"[bench] cli {method} {tool} #{r + 1}: {info['wall_s']:.1f} s, "
+                    f"peak RSS {info['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
+        results[method] = runs
+    print(f"\n== command line against command line ({repeats} alternating repeats; min / median)")
+    print(f"{'method':<18}{'tool':<11}{'wall s min':>11}{'median':>9}{'peak RSS MB min':>17}{'median':>9}")
+    for method, runs in results.items():
+        for tool, rs in runs.items():
+            if not rs:
+                continue
+            w = [x["wall_s"] for x in rs]
+            m = [x["peak_rss_mb"] for x in rs]
+            print(
+                f"{method:<18}{tool:<11}{min(w):>11.1f}{statistics.median(w):>9.1f}"
+                f"{min(m):>17.0f}{statistics.median(m):>9.0f}"
+            )
+        lw, mk = runs.get("layerwise"), runs.get("mergekit")
+        if lw and mk:
+            wl = statistics.median(x["wall_s"] for x in lw)
+            wm = statistics.median(x["wall_s"] for x in mk)
+            rl = statistics.median(x["peak_rss_mb"] for x in lw)
+            rm = statistics.median(x["peak_rss_mb"] for x in mk)
+            a, b = work / f"cli_out_layerwise_{method}", work / f"cli_out_mergekit_{method}"
+            worst, differing, total = max_abs_diff(a, b)
+            print(
+                f"  {method}: mergekit / layerwise time x{wm / wl:.2f} (median), x"
+                f"{min(x['wall_s'] for x in mk) / min(x['wall_s'] for x in lw):.2f} (min); "
+                f"peak RSS x{rm / rl:.1f}; max |difference| {worst:.3g} "
+                f"({differing} of {total} entries differ)"
+            )
+    return results
+
+
 def max_abs_diff(a: Path, b: Path) -> tuple[float, int, int]:
     """(max |difference|, number of differing entries, number of entries) between two checkpoints."""
     from layerwise.editing import open_checkpoint
@@ -274,6 +445,14 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse checkpoints already in --workdir")
     ap.add_argument("--jobs", default=None, help="comma-separated subset of the jobs (default: all)")
     ap.add_argument("--mergekit-venv", type=Path, default=Path.home() / ".cache/layerwise/venv-mergekit")
+    ap.add_argument("--repeats", type=int, default=3, help="whole-process runs per tool and method")
+    ap.add_argument(
+        "--cli-methods",
+        default=",".join(CLI_METHODS),
+        help="comma-separated: ta,ties,slerp,lora (default), breadcrumbs,breadcrumbs_ties,model_stock",
+    )
+    ap.add_argument("--no-inprocess", action="store_true", help="skip the in-process/naive jobs")
+    ap.add_argument("--no-cli", action="store_true", help="skip the command-line comparison")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -297,6 +476,8 @@ def main() -> int:
         results: dict[str, dict] = {}
         jobs = ["layerwise_ta", "naive_ta", "layerwise_ties", "layerwise_ties_lines", "naive_ties_lines"]
         wanted = None if args.jobs is None else set(args.jobs.split(","))
+        if args.no_inprocess:
+            jobs = []
         for job in jobs:
             if wanted is not None and job not in wanted:
                 continue
@@ -307,7 +488,15 @@ def main() -> int:
                 flush=True,
             )
         exe = None if args.no_mergekit else ensure_mergekit(args.mergekit_venv)
-        if exe is not None:
+        if not args.no_cli:
+            methods = [m for m in args.cli_methods.split(",") if m]
+            bad = sorted(set(methods) - set(CLI_METHODS) - set(EXTRA_CLI_METHODS))
+            if bad:
+                raise SystemExit(
+                    f"--cli-methods: unknown {bad}; choose from {list(CLI_METHODS + EXTRA_CLI_METHODS)}"
+                )
+            cli_benchmark(work, exe, methods, args.repeats)
+        if exe is not None and not args.no_inprocess:
             for method in ("task_arithmetic", "ties"):
                 if wanted is not None and f"mergekit_{method}" not in wanted:
                     continue

@@ -140,9 +140,11 @@ def test_m3id_experiment_end_to_end(tmp_path):
         n_dpo_images=8,
         lambdas=(0.3, 1.0),
         dpo_epochs=1.0,
+        workers=1,
     )
     out = tmp_path / "m3id"
-    for name in ("config.json", "summary.json", "results.json", "results.csv", "m3id.png"):
+    files = ("config.json", "summary.json", "results.json", "results.csv", "m3id.png", "m3id_reliance.png")
+    for name in files:
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     methods = {r["method"] for r in results["per_seed"]}
@@ -155,6 +157,11 @@ def test_m3id_experiment_end_to_end(tmp_path):
         "m3id+dpo_greedy",
     }
     assert {r["seed"] for r in results["per_seed"]} == {0, 1}
+    for row in results["per_seed"]:  # the reliance diagnostic, on the greedy rows only
+        has = [f"kl_t{t}" in row for t in range(2)]
+        assert all(has) if row["method"] == "greedy" else not any(has)
+        if row["method"] == "greedy":
+            assert row["kl_t0"] >= 0 and 0 <= row["att_t0"] <= 1 + 1e-9
     for method, metrics in results["aggregate"].items():
         for key in ("chair_i", "chair_s", "cover", "pope_accuracy", "pope_yes_ratio"):
             assert 0.0 <= metrics[key]["min"] <= metrics[key]["mean"] <= metrics[key]["max"] <= 1.0, (

@@ -236,11 +236,22 @@ def test_cli_text_and_images_on_saved_tiny_checkpoints(tmp_path):
                                         num_attention_heads=2, intermediate_size=16)
     transformers.ViTModel(vit_config).save_pretrained(vit)
     out = tmp_path / "img_out"
-    assert main(["diffusion", "images", "--pipeline", str(pipe), "--encoder", str(vit), "--timesteps", "10",
-                 "40", "--n-images", "2", "--n-trajectories", "2", "--n-inference-steps", "5",
-                 "--encoder-size", "24", "--out", str(out)]) == 0
+    args = ["diffusion", "images", "--pipeline", str(pipe), "--encoder", str(vit), "--timesteps", "10",
+            "40", "--n-images", "2", "--n-trajectories", "2", "--n-inference-steps", "5",
+            "--encoder-size", "24", "--out", str(out)]
+    # No image processor saved with the encoder: refused (no silent ImageNet statistics) unless asked for.
+    assert main(args) == 2 and not out.exists()
+    assert main([*args, "--normalization", "imagenet"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["grid"] == [3, 3]  # 24 px / 8 px patches
+    assert res["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    # With a processor saved, its statistics are used (--overwrite replaces the earlier output).
+    processor = transformers.ViTImageProcessor(image_mean=[0.25, 0.5, 0.75], image_std=[0.5, 0.5, 0.5])
+    processor.save_pretrained(vit)
+    assert main(args) == 2  # out exists: refused without --overwrite
+    assert main([*args, "--overwrite"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["mean"] == pytest.approx([0.25, 0.5, 0.75]) and res["normalization"] == "processor"
     assert [lv["timestep"] for lv in res["levels"]] == [10, 40]
     # Bad input: one readable error line and exit code 2, not a traceback.
     assert main(["diffusion", "text", "--model", str(bert), "--text", str(text), "--levels", "1.5",

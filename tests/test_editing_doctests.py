@@ -16,6 +16,9 @@ MODULES = [
     "merge.registry",
     "merge.topk",
     "merge.driver",
+    "merge.gradients",
+    "mergekit_config",
+    "vocab",
 ]
 
 

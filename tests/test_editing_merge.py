@@ -217,7 +217,8 @@ def test_dare_draws_are_uniform_unbiased_and_chunking_invariant():
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS.names()))
 def test_common_streaming_equals_in_memory_and_chunking_invariant(method, tmp_path):
     base, fts = _setup(4)
-    params = {"target": 2} if method == "tall_masks" else {}
+    params = {"target": 2} if method == "tall_masks" else {"t": 0.3} if method == "slerp" else {}
+    fts = fts[:1] if method == "slerp" else fts  # SLERP: the base and one model
     whole = merge_models(method, fts, base, params=params, seed=1)
     chunked = merge_models(method, fts, base, params=params, seed=1, chunk_elements=5)
     out = merge_models(
@@ -231,7 +232,7 @@ def test_common_streaming_equals_in_memory_and_chunking_invariant(method, tmp_pa
     # determinism, and zero task vectors leave the base unchanged for every method
     again = merge_models(method, fts, base, params=params, seed=1)
     assert all(torch.equal(again.tensors[k], whole.tensors[k]) for k in base)
-    zero = merge_models(method, [dict(base) for _ in range(T)], base, params=params, seed=1)
+    zero = merge_models(method, [dict(base) for _ in fts], base, params=params, seed=1)
     assert all(torch.equal(zero.tensors[k], base[k]) for k in base)
 
 
@@ -313,7 +314,12 @@ def test_lines_in_driver_explicit_and_auto_alpha(tmp_path):
         "ties", fts, base, params=params, lines=LinesSpec(beta=0.5), chunk_elements=11, out=tmp_path / "o"
     )
     assert disk.lines_alpha == ties.lines_alpha
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["layerwise_merge.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        ".layerwise-output",
+        "README.md",  # the model card
+        "layerwise_merge.json",
+        "model.safetensors",
+    ]
     on_disk = load_state_dict(tmp_path / "o")
     assert all(torch.equal(on_disk[k], ties.tensors[k]) for k in base)
 
@@ -342,7 +348,7 @@ def test_interrupted_merge_leaves_previous_output_or_nothing(tmp_path, exc):
     merge_models("task_arithmetic", fts, base, out=target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(exc):
-        merge_models("ties", [*fts[:2], _Exploding(fts[2], 6, exc)], base, out=target)
+        merge_models("ties", [*fts[:2], _Exploding(fts[2], 6, exc)], base, out=target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
 

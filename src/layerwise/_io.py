@@ -12,15 +12,21 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "OUTPUT_MARKER",
     "atomic_path",
     "atomic_directory",
+    "check_output_dir",
+    "check_output_file",
+    "is_temporary_name",
     "write_json",
     "write_csv",
     "save_figure",
@@ -58,19 +64,152 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+OUTPUT_MARKER = ".layerwise-output"
+"""Name of the small JSON file that marks a folder as created by layerwise (see :func:`atomic_directory`)."""
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(?P<kind>tmp|old)$")
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for the names :func:`atomic_directory` gives its temporary and set-aside folders.
+
+    Listings of results (the HTML report) skip these: ``.NAME.xxxxxxxx.tmp`` and ``.NAME.xxxxxxxx.old``.
+    """
+    return _LEFTOVER.match(name) is not None
+
+
+def _read_marker(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("created_by") == "layerwise" else None
+
+
+def _write_marker(folder: Path, info: Mapping[str, Any]) -> None:
+    text = json.dumps({"created_by": "layerwise", **info}, indent=1, sort_keys=True)
+    (folder / OUTPUT_MARKER).write_text(text + "\n", encoding="utf-8")
+
+
+def _manifest(folder: Path) -> dict[str, int]:
+    """``{relative path: size in bytes}`` of every file under ``folder`` (the marker excluded)."""
+    out = {}
+    for root, dirs, files in os.walk(folder):  # links to folders are listed (in dirs), not followed
+        for f in files + [d for d in dirs if (Path(root) / d).is_symlink()]:
+            p = Path(root) / f
+            rel = p.relative_to(folder).as_posix()
+            if rel != OUTPUT_MARKER:
+                out[rel] = p.lstat().st_size
+    return out
+
+
+def _foreign_files(folder: Path) -> list[str] | None:
+    """Files under ``folder`` that layerwise did not write there: None when the folder has no valid marker
+    (nothing in it is known to be ours); ``[]`` when every file is listed, with its size, in the marker."""
+    marker = _read_marker(folder)
+    if marker is None or not isinstance(marker.get("files"), dict):
+        return None
+    listed = marker["files"]
+    return sorted(rel for rel, size in _manifest(folder).items() if listed.get(rel) != size)
+
+
+def _replaceable(path: Path) -> str | None:
+    """None when ``path`` may be replaced by a new layerwise output; otherwise why not (one line)."""
+    if path.is_symlink():
+        return f"{path} is a symbolic link; give the folder it points to, or a new folder"
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return f"{path} is an existing file, not a folder; choose a new folder name"
+    if not any(path.iterdir()):
+        return None
+    foreign = _foreign_files(path)
+    if foreign is None:
+        return (
+            f"{path} is a non-empty folder that layerwise did not create (no {OUTPUT_MARKER} file); "
+            "refusing to replace it: choose a new or empty folder"
+        )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return (
+            f"{path} holds files layerwise did not write ({shown}); refusing to replace it: move them "
+            "away or choose a new folder"
+        )
+    return None
+
+
+def _pid_alive(pid: Any) -> bool:
+    if os.name != "posix" or not isinstance(pid, int) or pid <= 0:
+        return True  # cannot tell: keep the folder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _clean_leftovers(path: Path) -> None:
+    """Deal with the temporary folders a killed run of :func:`atomic_directory` left next to ``path``.
+
+    ``.NAME.*.tmp`` folders whose marker names a process of this machine that no longer runs are deleted;
+    a ``.NAME.*.old`` folder (the previous output, set aside just before the new one was renamed into place)
+    is moved back to ``path`` when ``path`` is missing, and deleted otherwise. Folders without our marker
+    are never touched.
+    """
+    try:
+        entries = sorted(path.parent.iterdir())
+    except OSError:
+        return
+    host = socket.gethostname()
+    for entry in entries:
+        m = _LEFTOVER.match(entry.name)
+        if m is None or m["name"] != path.name or entry.is_symlink() or not entry.is_dir():
+            continue
+        marker = _read_marker(entry)
+        if marker is None:
+            continue
+        if m["kind"] == "tmp":
+            if marker.get("host") == host and not _pid_alive(marker.get("pid")):
+                shutil.rmtree(entry, ignore_errors=True)
+        elif not path.exists() and not path.is_symlink():
+            os.replace(entry, path)  # the previous output, interrupted between the two renames
+        elif _foreign_files(entry) == []:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` as a whole.
 
+    Only what layerwise created is ever replaced: ``path`` must be missing, an empty folder, or a folder
+    written by an earlier ``atomic_directory`` whose files are all still as written (the folder carries a
+    :data:`OUTPUT_MARKER` file listing them with their sizes). Anything else raises
+    :class:`~layerwise.errors.OutputPathError` before the block runs, and again just before the rename.
+
     An existing ``path`` is moved aside first and deleted only after the new folder is in place. If the
     block raises (including ``KeyboardInterrupt``) the temporary folder is deleted and ``path`` is untouched.
+    Temporary folders left by a killed run (``.NAME.xxxxxxxx.tmp`` / ``.old``) are cleaned up on the next
+    call for the same ``path`` (see :func:`is_temporary_name`).
     """
+    from .errors import OutputPathError
+
     path = Path(path)
+    _clean_leftovers(path)
+    problem = _replaceable(path)
+    if problem:
+        raise OutputPathError(problem)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        _write_marker(tmp, {"pid": os.getpid(), "host": socket.gethostname(), "state": "being written"})
         yield tmp
+        _write_marker(tmp, {"files": _manifest(tmp)})
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp folders are owner-only
+        problem = _replaceable(path)
+        if problem:
+            raise OutputPathError(problem)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -82,6 +221,141 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _check_against_inputs(out: Path, inputs: Sequence[Any], what: str, shown: Any) -> None:
+    from .errors import OutputPathError
+
+    for given in inputs:
+        if not isinstance(given, (str, os.PathLike)):
+            continue  # in-memory inputs (state dicts) have no path
+        inp = _resolve(given)
+        if not (inp.exists() or inp.is_symlink()):
+            continue  # e.g. a model id of the Hugging Face hub: nothing on disk to protect
+        for o in {out, Path(os.path.realpath(out))}:
+            for cand in {inp, Path(os.path.realpath(inp))}:
+                folder = cand if cand.is_dir() else cand.parent
+                if o in (cand, folder):
+                    raise OutputPathError(
+                        f"{what} {shown} is the input {given} or its folder; choose a new folder"
+                    )
+                if o in cand.parents:
+                    raise OutputPathError(f"{what} {shown} contains the input {given}; choose a new folder")
+
+
+def check_output_dir(
+    out: str | os.PathLike,
+    *,
+    overwrite: bool,
+    inputs: Sequence[str | os.PathLike] = (),
+    collection: bool = False,
+) -> Path:
+    """Check, before any work starts, that writing the output folder ``out`` cannot destroy anything.
+
+    Call it in a command before loading models or computing, then write through
+    :func:`atomic_directory` (which repeats the marker check right before its rename).
+
+    Parameters
+    ----------
+    out : path
+        The output folder the command will create (or replace as a whole).
+    overwrite : bool
+        Allow replacing a non-empty ``out`` that an earlier layerwise run created (it carries the
+        :data:`OUTPUT_MARKER` file and holds only the files that run wrote). A folder that layerwise did
+        not create, or one where files were added or changed since, is refused even with ``overwrite``.
+    inputs : sequence of paths
+        Files or folders the command reads (checkpoints, configs, data). ``out`` may not be an input,
+        an input's folder, or a folder containing an input, whatever ``overwrite`` says. Entries that are not
+        paths, or do not exist on disk (model ids of the hub), are skipped.
+    collection : bool
+        ``out`` is a folder that receives named subfolders, each written by its own
+        :func:`atomic_directory` (``layerwise reproduce``): an existing, non-empty ``out`` is then fine and
+        ``overwrite`` is not consulted for it (check each subfolder with ``overwrite=True`` to fail early on
+        one layerwise did not create).
+
+    Returns
+    -------
+    Path
+        ``out`` as an absolute path (symbolic links in parent folders kept; ``out`` itself may not be one).
+
+    Raises
+    ------
+    OutputPathError
+        One line naming the path: ``out`` is an existing file or a symbolic link, the current directory or a
+        folder containing it, an input or an input's folder or a parent of an input, or a non-empty folder
+        (without ``overwrite``, or not created by layerwise).
+    ParameterTypeError
+        ``out`` is not a path.
+    """
+    from .errors import OutputPathError, ParameterTypeError
+
+    if not isinstance(out, (str, os.PathLike)) or str(out) == "":
+        raise ParameterTypeError(f"out must be a folder path, got {out!r}")
+    if not isinstance(overwrite, bool):
+        raise ParameterTypeError(f"overwrite must be True or False, got {overwrite!r}")
+    what = "output folder"
+    path = _resolve(out)
+    cwd = _resolve(os.getcwd())
+    if path == cwd or path in cwd.parents:
+        raise OutputPathError(
+            f"{what} {out} is the current directory or contains it; give a new folder, e.g. {out}/merged"
+            if path == cwd
+            else f"{what} {out} contains the current directory; choose a new folder"
+        )
+    if path.is_symlink():
+        raise OutputPathError(f"{what} {out} is a symbolic link; give the folder it points to, or a new one")
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{what} {out} is an existing file, not a folder; choose a new folder name")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{what} {out} cannot be created: {ancestor} is a file, not a folder")
+    _check_against_inputs(path, inputs, what, out)
+    if collection:
+        return path
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise OutputPathError(
+                f"{what} {out} exists and is not empty; choose a new folder, or pass --overwrite to "
+                "replace an earlier layerwise output"
+            )
+        problem = _replaceable(path)
+        if problem:
+            raise OutputPathError(problem)
+    return path
+
+
+def check_output_file(
+    out: str | os.PathLike, *, overwrite: bool, inputs: Sequence[str | os.PathLike] = ()
+) -> Path:
+    """Check, before any work starts, that writing the single file ``out`` cannot destroy anything.
+
+    Refused (:class:`~layerwise.errors.OutputPathError`, one line naming the path): ``out`` is an existing
+    folder, equals one of ``inputs``, or is an existing file while ``overwrite`` is False. Write it with
+    :func:`atomic_path`. Returns ``out`` as an absolute path.
+    """
+    from .errors import OutputPathError, ParameterTypeError
+
+    if not isinstance(out, (str, os.PathLike)) or str(out) == "":
+        raise ParameterTypeError(f"out must be a file path, got {out!r}")
+    path = _resolve(out)
+    if path.is_dir():
+        raise OutputPathError(f"output file {out} is an existing folder; give a file name")
+    for given in inputs:
+        if isinstance(given, (str, os.PathLike)) and (
+            _resolve(given) == path or os.path.realpath(given) == os.path.realpath(path)
+        ):
+            raise OutputPathError(f"output file {out} is the input {given}; choose another name")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OutputPathError(
+            f"output file {out} exists; choose a new name, or pass --overwrite to replace it"
+        )
+    return path
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .errors import ParameterError, ParameterTypeError
+
 T = TypeVar("T")
 
 __all__ = ["Registry"]
@@ -46,11 +48,13 @@ class Registry(Generic[T]):
         return obj
 
     def get(self, name: str) -> T:
+        if not isinstance(name, str):
+            raise ParameterTypeError(f"{self.kind} name must be a string, got {type(name).__name__} {name!r}")
         try:
             return self._items[name]
         except KeyError:
             valid = ", ".join(sorted(self._items)) or "(none)"
-            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
+            raise ParameterError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
 
     def names(self) -> list[str]:
         return list(self._items)

@@ -1,4 +1,9 @@
-"""Argument checks at the public boundary. Every error names the parameter, what is allowed and what came."""
+"""Argument checks at the public boundary. Every error names the parameter, what is allowed and what came.
+
+Errors are :class:`~layerwise.errors.ParameterError` (a ``ValueError``) and
+:class:`~layerwise.errors.ParameterTypeError` (a ``TypeError``), so the ``layerwise`` command prints them as
+one line and callers catching ``ValueError``/``TypeError`` keep working.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_int", "check_float", "check_choice", "make_generator"]
+from .errors import ParameterError, ParameterTypeError
+
+__all__ = ["check_int", "check_float", "check_choice", "check_seed", "make_generator", "SEED_MAX"]
+
+SEED_MAX = (1 << 63) - 1
+"""Largest seed accepted: seeds are integers in ``[0, 2**63)`` (what ``torch.Generator.manual_seed`` and
+numpy take without wrapping around)."""
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
     """Return ``value`` as int if it is an integer in ``[low, high]``; else raise naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise ParameterTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+        raise ParameterError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
 
 
@@ -28,8 +39,11 @@ def check_float(
 ) -> float:
     """Return ``value`` as float if it is a finite real in ``[low, high]`` (``(low, high]`` if low_open)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
+        raise ParameterTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        value = float("inf") if value > 0 else float("-inf")
     bad = value != value or value in (float("inf"), float("-inf"))
     if low is not None:
         bad = bad or (value <= low if low_open else value < low)
@@ -39,15 +53,25 @@ def check_float(
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be a finite number in {bracket}{lo}, {hi}], got {value}")
+        raise ParameterError(f"{name} must be a finite number in {bracket}{lo}, {hi}], got {value}")
     return value
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """Return ``value`` if it is one of ``choices``; else raise naming ``name`` and the valid choices."""
     choices = list(choices)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    try:
+        ok = value in choices
+    except TypeError:  # e.g. an unhashable or incomparable value
+        ok = False
+    if not ok:
+        raise ParameterError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    """Return ``seed`` as int if it is an integer in ``[0, 2**63)``; else raise naming ``name``."""
+    return check_int(name, seed, low=0, high=SEED_MAX)
 
 
 def make_generator(seed: int | torch.Generator | None) -> torch.Generator:
@@ -58,5 +82,5 @@ def make_generator(seed: int | torch.Generator | None) -> torch.Generator:
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(check_int("seed", seed, low=0))
+        gen.manual_seed(check_seed(seed))
     return gen

@@ -12,12 +12,17 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from ._app import Parser, run_handler
+
 # Subcommand modules, in the order --help lists them.
-COMMAND_MODULES = ("reproduce", "rhm", "merge", "diffusion", "m3id")
+COMMAND_MODULES = (
+    "reproduce", "report", "rhm", "merge", "finetune", "diffusion", "m3id", "kernels", "diffeo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Parser: allow_abbrev=False and one-line usage errors, inherited by every subparser (see _app).
+    parser = Parser(
         prog="layerwise",
         description="layerwise: data structure and deep networks; weight-space and decoding-time editing.",
     )
@@ -33,16 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2 if args.command is None else 0
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        # Bad input: one readable line, no traceback (set LAYERWISE_DEBUG=1 to see it).
-        import os
-
-        if os.environ.get("LAYERWISE_DEBUG"):
-            raise
-        print(f"layerwise {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # LayerwiseError, ValueError/TypeError and OS errors: one line, exit 2; a bug keeps its traceback
+    # (LAYERWISE_DEBUG=1 shows every traceback). See _app.run_handler.
+    return run_handler(args.func, args, args.command)
 
 
 if __name__ == "__main__":  # pragma: no cover

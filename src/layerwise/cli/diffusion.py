@@ -33,8 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     t.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own Python code (off by default; some MDLM models need it)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--seed", type=int, default=0, help="seed of the noise and the sampler (default 0)")
+    t.add_argument("--out", required=True, help="output folder (new or empty)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace --out if an earlier layerwise run wrote it (other folders are refused)")
     t.set_defaults(func=_text)
 
     i = dsub.add_parser(
@@ -60,8 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--batch-size", type=int, default=16, help="images per UNet call (default 16)")
     i.add_argument("--device", default="cpu", help="torch device (default cpu)")
     i.add_argument("--trust-remote-code", action="store_true", help="allow the encoder's own Python code")
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--out", required=True, help="output folder")
+    i.add_argument("--normalization", choices=("processor", "imagenet"), default="processor",
+                   help="image mean/std before the encoder: from its image processor (default; refused if "
+                   "it has none) or the ImageNet statistics")
+    i.add_argument("--seed", type=int, default=0, help="seed of the noise and the sampler (default 0)")
+    i.add_argument("--out", required=True, help="output folder (new or empty)")
+    i.add_argument("--overwrite", action="store_true",
+                   help="replace --out if an earlier layerwise run wrote it (other folders are refused)")
     i.set_defaults(func=_images)
 
     p.set_defaults(func=lambda args: p.print_help() or 2)
@@ -74,7 +81,8 @@ def _text(args: argparse.Namespace) -> int:
                    length=args.length, n_trajectories=args.n_trajectories, n_steps=args.n_steps,
                    strategy=args.strategy,
                    batch_size=args.batch_size, r_max=args.r_max, seed=args.seed, device=args.device,
-                   trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer, mask_id=args.mask_id)
+                   trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer, mask_id=args.mask_id,
+                   overwrite=args.overwrite)
     for lv in res["levels"]:
         print(f"t={lv['level']:.3f}  change={lv['change_probability']:.4f}  chi={lv['chi']:.3f}  "
               f"chi(r<={args.r_max:g})={lv['chi_r_max']:.3f}  xi={lv['xi']:.2f}")
@@ -89,7 +97,8 @@ def _images(args: argparse.Namespace) -> int:
                      n_images=args.n_images, n_trajectories=args.n_trajectories,
                      n_inference_steps=args.n_inference_steps, scheduler=args.scheduler,
                      batch_size=args.batch_size, seed=args.seed, device=args.device,
-                     trust_remote_code=args.trust_remote_code, encoder_size=args.encoder_size)
+                     trust_remote_code=args.trust_remote_code, encoder_size=args.encoder_size,
+                     normalization=args.normalization, overwrite=args.overwrite)
     for lv in res["levels"]:
         print(f"t={lv['timestep']}  change={lv['change_probability']:.4f}  chi={lv['chi']:.3f}  "
               f"xi={lv['xi']:.2f}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ParameterError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("m3id", help="M3ID decoding against visual hallucination (Hugging Face models)")
@@ -57,17 +59,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="batched",
         help="logits-processor path or batched decoding loop (default: batched, faster)",
     )
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0, help="seed for --sample")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the model is loaded in (default float32)")
+    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
     g.add_argument("--trust-remote-code", action="store_true", help="run the folder's own modelling code")
     g.set_defaults(func=_generate)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .._extras import require_extras
+    from .._validation import check_seed
+
+    require_extras(("hf",), "layerwise m3id generate")  # before torch and transformers are imported
+    if args.sample:
+        check_seed(args.seed)
     from ..decoding import m3id_generate
     from ..decoding.loading import load_for_m3id
 
@@ -76,7 +85,7 @@ def _generate(args: argparse.Namespace) -> int:
         from PIL import Image
 
         if len(args.image) != len(args.prompt):
-            raise ValueError(
+            raise ParameterError(
                 f"--image must be given once per --prompt ({len(args.prompt)}), got {len(args.image)}"
             )
         images = [Image.open(path).convert("RGB") for path in args.image]

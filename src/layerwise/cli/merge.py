@@ -11,9 +11,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="merge fine-tuned checkpoints (task arithmetic, TIES, DARE, consensus, LiNeS…) from YAML",
         description="Merge checkpoints tensor by tensor into sharded safetensors in OUT (atomically). "
         "See docs for the config format; --list-methods shows the methods and their parameters.",
+        allow_abbrev=False,
     )
-    p.add_argument("config", nargs="?", help="YAML merge config")
-    p.add_argument("--out", help="output folder (replaced atomically when the merge succeeds)")
+    p.add_argument(
+        "config", nargs="?", help="YAML merge config (layerwise's, or a mergekit config used unchanged)"
+    )
+    p.add_argument(
+        "--out", help="output folder; must be new or empty unless --overwrite (written atomically)"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if an earlier layerwise command created it and nothing was added to it since "
+        "(a folder holding other files, or an input model, is never replaced)",
+    )
     p.add_argument(
         "--dry-run", action="store_true", help="validate the config, print the plan, write nothing"
     )
@@ -23,9 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .._io import check_output_dir
     from ..editing.config import load_merge_config
     from ..editing.lines import format_lines_table
     from ..editing.merge import MERGE_METHODS, execute_plan
+    from ..errors import ParameterError
 
     if args.list_methods:
         for name in MERGE_METHODS.names():
@@ -35,15 +48,27 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"  - {param.describe()}")
         return 0
     if args.config is None:
-        raise ValueError("give a CONFIG.yaml (or --list-methods)")
+        raise ParameterError("give a CONFIG.yaml (or --list-methods)")
     if args.out is None and not args.dry_run:
-        raise ValueError("--out DIR is required (or use --dry-run)")
+        raise ParameterError("--out DIR is required (or use --dry-run)")
     config = load_merge_config(args.config)
+    out = None
+    if args.out is not None:  # before any checkpoint is opened; --dry-run checks it too
+        inputs = [args.config, *(m.path for m in config.models)]
+        if config.base_model is not None:
+            inputs.append(config.base_model)
+        out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
     plan = config.plan()
     print(plan.describe())
     if args.dry_run:
         return 0
-    result = execute_plan(plan, args.out, progress=not args.no_progress, record={"config": config.to_dict()})
+    result = execute_plan(
+        plan,
+        out,
+        progress=not args.no_progress,
+        record={"config": config.to_dict(), "config_text": config.source_text},
+        overwrite=args.overwrite,
+    )
     if result.lines_table is not None:
         print(f"LiNeS: alpha = {result.lines_alpha:.6g}, beta = {result.lines_beta:.6g}")
         print(format_lines_table(result.lines_table))

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import argparse
 
+# The experiments and scales for --help, written out so that building the parser imports neither torch nor
+# the experiment modules (``layerwise --help`` stays fast). tests/test_cli_safety.py checks that this list
+# equals the registry (names, order and descriptions): add a line here when registering an experiment.
+SCALES = ("quick", "full")
+EXPERIMENT_INDEX: tuple[tuple[str, str], ...] = (
+    ("rhm-stats", "RHM enumeration checks and class-tuple correlations vs sqrt(v/m^L)"),
+    ("phase-transition",
+     "RHM forward-backward with exact BP: class kept vs noise, sharp at eps* (PNAS 2025)"),
+    ("chunks", "RHM forward-backward: correlated chunks of changes; chi peaks at the transition (ICLR 2025)"),
+    ("rhm-learning",
+     "deep CNNs learn the RHM from P* ~ n_c m^L data; synonymic sensitivity; shallow baseline"),
+    ("locality", "local/conv kernel teacher-student exponents beta = 1/s (Favero et al., NeurIPS 2021)"),
+    ("deep-kernels",
+     "hierarchical CNN kernels: spectra, teacher-student rates (Cagnetta et al., ICML 2023)"),
+    ("diffeo-stability",
+     "relative stability R_f to diffeomorphisms vs noise, at init and after training, against test error"),
+    ("task-arithmetic",
+     "task addition/negation, weight disentanglement: non-linear vs tangent-space fine-tuning"),
+    ("lines", "LiNeS: single-task forgetting vs uniform scaling; multi-task merging with/without LiNeS"),
+    ("m3id", "M3ID vs greedy vs M3ID+DPO on a toy Llava: CHAIR, Cover, POPE over seeds"),
+    ("m3id-long", "M3ID where reliance on the image fades: diagnostic, greedy vs M3ID over 5 seeds"),
+)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..experiments import EXPERIMENTS, SCALES
-
-    names = "\n".join(f"  {n:<18} {EXPERIMENTS.get(n).description}" for n in EXPERIMENTS.names())
+    names = "\n".join(f"  {n:<18} {description}" for n, description in EXPERIMENT_INDEX)
     p = sub.add_parser(
         "reproduce",
         help="run the papers' experiments, write results, figures and report.html",
@@ -20,26 +41,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=SCALES, default="quick", help="quick (CPU minutes) or full")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    g = p.add_argument_group("sweeps (experiments with many training runs, e.g. rhm-learning)")
+    g.add_argument("--executor", choices=("inprocess", "process", "dask", "slurm"), default="inprocess",
+                   help="where sweep points run: this process (default), a local spawn process pool, Dask "
+                        "distributed (extra 'dask') or SLURM via submitit (extra 'slurm')")
+    g.add_argument("--address", default=None,
+                   help="Dask scheduler address tcp://HOST:PORT (default: start a LocalCluster)")
+    g.add_argument("--partition", default=None, help="SLURM partition (--executor slurm)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="worker processes of the process pool / LocalCluster (default: min(4, CPUs))")
+    g.add_argument("--resume", action="store_true",
+                   help="reuse the finished sweep points kept in OUT/.sweeps/ by an earlier (interrupted) "
+                        "run")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from .._io import check_output_dir
     from ..experiments import EXPERIMENTS, run_experiment
-    from ..report import build_report
+    from ..report import build_report, run_times
 
     if args.list:
         for name in EXPERIMENTS.names():
             print(f"{name:<18} {EXPERIMENTS.get(name).description}")
         return 0
     names = EXPERIMENTS.names() if args.names in (["all"], []) else list(args.names)
+    # Fail before running anything: unknown names, missing extras, an output folder that is a file or
+    # holds an experiment folder that layerwise did not write.
     for name in names:
-        EXPERIMENTS.get(name)  # fail before running anything if a name is unknown
-    for name in tqdm(names, desc="experiments", unit="exp"):
-        tqdm.write(f"[layerwise] running {name} ({args.scale}) -> {args.out}/{name}/")
-        summary = run_experiment(name, args.out, scale=args.scale)
-        tqdm.write(f"[layerwise] {name}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        EXPERIMENTS.get(name).check_extras()
+    # Sweep settings (rhm-learning...): validated here too, before anything is written.
+    from pathlib import Path
+
+    from ..sweep import SweepOptions, sweep_options
+
+    if args.executor in ("dask", "slurm"):
+        from .._extras import require_extras
+
+        require_extras(["dask" if args.executor == "dask" else "slurm"], f"--executor {args.executor}")
+    sweep = dict(executor=args.executor, address=args.address, partition=args.partition,
+                 max_workers=args.workers, resume=args.resume, store=str(Path(args.out) / ".sweeps"))
+    SweepOptions(**sweep)
+    out = check_output_dir(args.out, overwrite=True, collection=True)
+    for name in names:
+        check_output_dir(out / name, overwrite=True)
+    with sweep_options(**sweep):
+        for name in tqdm(names, desc="experiments", unit="exp"):
+            tqdm.write(f"[layerwise] running {name} ({args.scale}) -> {args.out}/{name}/")
+            summary = run_experiment(name, args.out, scale=args.scale)
+            tqdm.write(f"[layerwise] {name}: done in {summary.get('runtime_s')} s -> {args.out}/{name}/")
     report = build_report(args.out)
+    print(run_times(args.out, names))  # per-experiment run times and verdicts
     print(f"report: {report}")
     return 0

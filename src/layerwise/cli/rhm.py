@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rules-seed", type=int, default=0, help="seed of the grammar")
     s.add_argument("--seed", type=int, default=1, help="seed of the data")
     s.add_argument("--out", required=True, help="output file, .pt or .npz")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     s.set_defaults(func=_sample)
 
     _add_denoise_parser(rsub)
@@ -36,9 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from .._io import check_output_file
     from ..hierarchy import RHM
-    from ..hierarchy.datafile import save_dataset
+    from ..hierarchy.datafile import check_data_path, save_dataset
 
+    check_data_path(args.out, "--out")
+    check_output_file(args.out, overwrite=args.overwrite)
     rhm = RHM(
         args.v, args.n_c if args.n_c is not None else args.v, args.m, args.s, args.L, seed=args.rules_seed
     )
@@ -48,7 +52,7 @@ def _sample(args: argparse.Namespace) -> int:
         else rhm.sample_distinct(args.n, seed=args.seed)
     )
     path = save_dataset(args.out, rhm, data)
-    print(f"wrote {len(data)} data of {rhm} (P_max={rhm.P_max}) to {path}")
+    print(f"wrote {len(data)} data of {rhm} (P_max={rhm.P_max_text}) to {path}")
     return 0
 
 
@@ -79,15 +83,19 @@ def _add_denoise_parser(rsub: argparse._SubParsersAction) -> None:
     d.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="BP precision")
     d.add_argument("--batch-size", type=int, default=4096, help="data per BP call (memory of temporaries)")
     d.add_argument("--out", required=True, help="output file, .pt or .npz")
+    d.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     d.set_defaults(func=_denoise)
 
 
 def _denoise(args: argparse.Namespace) -> int:
     import torch
 
-    from ..hierarchy.datafile import load_dataset
+    from .._io import check_output_file
+    from ..hierarchy.datafile import check_data_path, load_dataset
     from ..hierarchy.denoising import denoise, save_denoised
 
+    check_data_path(args.out, "--out")
+    check_output_file(args.out, overwrite=args.overwrite, inputs=[args.data])
     rhm, data = load_dataset(args.data)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     result = denoise(

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..errors import MissingExtraError
+
 __all__ = ["require", "cache_kwarg", "forward_step", "positions_from_mask", "output_cache"]
 
 
@@ -21,7 +23,7 @@ def require(module: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
+        raise MissingExtraError(
             f"{module} is needed here; install it with `pip install 'layerwise[{extra}]'`"
         ) from err
 

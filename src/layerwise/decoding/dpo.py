@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._validation import check_float, check_int
+from ..errors import ParameterError
 from ._hf import require
 from .generate import m3id_generate
 
@@ -88,13 +89,15 @@ def build_preference_pairs(
     because TRL's vision collator tokenizes with ``add_special_tokens=False``.
     """
     if len(images) != len(prompts):
-        raise ValueError(f"images must have one entry per prompt ({len(prompts)}), got {len(images)}")
+        raise ParameterError(f"images must have one entry per prompt ({len(prompts)}), got {len(images)}")
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     tok = processor.tokenizer
     image_token = getattr(tok, "image_token", None) or getattr(processor, "image_token", None)
     if image_token is None:
-        raise ValueError("the processor's tokenizer has no image_token; cannot build the image-free prompt")
+        raise ParameterError(
+            "the processor's tokenizer has no image_token; cannot build the image-free prompt"
+        )
     rows: list[dict[str, Any]] = []
     for start in range(0, len(prompts), batch_size):
         imgs, ps = list(images[start : start + batch_size]), list(prompts[start : start + batch_size])
@@ -179,7 +182,7 @@ def train_dpo(
     beta = check_float("beta", beta, low=0.0, low_open=True)
     learning_rate = check_float("learning_rate", learning_rate, low=0.0, low_open=True)
     if not rows:
-        raise ValueError("rows must not be empty (no preference pairs were built)")
+        raise ParameterError("rows must not be empty (no preference pairs were built)")
     # transformers 5.x renamed gradient_checkpointing -> activation_checkpointing (old name deprecated)
     fields = {f.name for f in dataclasses.fields(DPOConfig)}
     checkpointing = (

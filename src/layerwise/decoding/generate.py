@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .._validation import check_choice
+from .._validation import check_choice, check_seed
 from ..errors import ParameterError, ParameterTypeError
 from ._hf import forward_step, positions_from_mask, require
 from .m3id import M3IDLogitsProcessor, check_m3id_params, check_plausibility, m3id_scores
@@ -303,7 +303,7 @@ def m3id_generate(
     rng = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with rng, hook:
         if seed is not None:
-            torch.manual_seed(seed)
+            torch.manual_seed(check_seed(seed))
         out = model.generate(**inputs, **extra, **generate_kwargs)
     new = out[:, inputs["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ParameterTypeError
 from ._hf import require
 
 __all__ = ["load_for_m3id"]
@@ -40,7 +41,7 @@ def load_for_m3id(
 
     check_choice("dtype", dtype, ("float32", "bfloat16", "float16"))
     if not isinstance(trust_remote_code, bool):
-        raise TypeError(f"trust_remote_code must be a bool, got {trust_remote_code!r}")
+        raise ParameterTypeError(f"trust_remote_code must be a bool, got {trust_remote_code!r}")
     kw = {"trust_remote_code": trust_remote_code}
     if vision:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype), **kw)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from ..errors import ParameterError, ParameterTypeError
+
 __all__ = ["SynonymTable", "extract_objects", "chair", "parse_yes_no", "pope_metrics"]
 
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
@@ -40,24 +42,29 @@ class SynonymTable:
 
     def __init__(self, synonyms: Mapping[str, Iterable[str]]) -> None:
         if not isinstance(synonyms, Mapping):
-            raise TypeError(f"synonyms must be a mapping canonical -> phrases, got {type(synonyms).__name__}")
+            raise ParameterTypeError(
+                f"synonyms must be a mapping canonical -> phrases, got {type(synonyms).__name__}"
+            )
         self.lookup: dict[tuple[str, ...], str] = {}
         for canonical, phrases in synonyms.items():
             if isinstance(phrases, str):
-                raise TypeError(
+                raise ParameterTypeError(
                     f"synonyms[{canonical!r}] must be a list of phrases, got the string {phrases!r}"
                 )
             for phrase in [canonical, *phrases]:
                 key = tuple(_WORD.findall(phrase.lower()))
                 if not key:
-                    raise ValueError(f"synonym phrase {phrase!r} of {canonical!r} has no words")
+                    raise ParameterError(f"synonym phrase {phrase!r} of {canonical!r} has no words")
                 if key in self.lookup and self.lookup[key] != canonical:
-                    raise ValueError(f"phrase {phrase!r} maps to both {self.lookup[key]!r} and {canonical!r}")
+                    raise ParameterError(
+                        f"phrase {phrase!r} maps to both {self.lookup[key]!r} and {canonical!r}"
+                    )
                 self.lookup[key] = canonical
         self.max_words = max((len(k) for k in self.lookup), default=1)
 
     @property
     def objects(self) -> set[str]:
+        """The canonical object names (the values of the synonym lookup)."""
         return set(self.lookup.values())
 
 
@@ -102,20 +109,20 @@ def chair(
     ``n_hallucinated``, ``n_annotated``, ``n_captions``.
     """
     if isinstance(captions, str):
-        raise TypeError("captions must be a sequence of strings, got a single string")
+        raise ParameterTypeError("captions must be a sequence of strings, got a single string")
     if len(captions) != len(annotations):
-        raise ValueError(
+        raise ParameterError(
             f"annotations must have one entry per caption ({len(captions)}), got {len(annotations)}"
         )
     if not captions:
-        raise ValueError("captions must not be empty")
+        raise ParameterError("captions must not be empty")
     table = _table(synonyms)
     mentioned = hallucinated = annotated = correct = bad_captions = words = 0
     for text, truth in zip(captions, annotations, strict=True):
         truth = set(truth)
         unknown = truth - table.objects
         if unknown:
-            raise ValueError(f"annotated objects {sorted(unknown)} are not in the synonym table")
+            raise ParameterError(f"annotated objects {sorted(unknown)} are not in the synonym table")
         found = extract_objects(text, table)
         mentioned += len(found)
         hallucinated += len(found - truth)
@@ -159,9 +166,9 @@ def pope_metrics(answers: Sequence[str | bool | None], labels: Sequence[bool]) -
     Precision is 0 when nothing is answered "yes"; F1 is 0 when precision + recall is 0.
     """
     if len(answers) != len(labels):
-        raise ValueError(f"labels must have one entry per answer ({len(answers)}), got {len(labels)}")
+        raise ParameterError(f"labels must have one entry per answer ({len(answers)}), got {len(labels)}")
     if not answers:
-        raise ValueError("answers must not be empty")
+        raise ParameterError("answers must not be empty")
     parsed = [
         a if isinstance(a, bool) else (parse_yes_no(a) if isinstance(a, str) else None) for a in answers
     ]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .._validation import check_float, check_int, make_generator
+from ..errors import ParameterError
 from ._hf import require
 
 __all__ = [
@@ -71,7 +72,9 @@ class SceneSpec:
     ``max_objects`` objects, then applies the pairs (which may add or remove a partner). The caption writes
     each object with ``caption_phrase`` (``"{}"``: the bare name), then a full stop; its words other than
     ``{}`` must be in the vocabulary. Training captions list the objects in ``objects`` order, or in a
-    random order of each example with ``shuffle_captions``.
+    random order of each example with ``shuffle_captions``. With ``weak_last`` the low-contrast objects
+    come after all the others (each group keeping its order): salient objects first, as real captions do,
+    so the late, hard-to-see part of a caption is where the language prior has the most room.
     """
 
     objects: tuple[str, ...] = ("cat", "dog", "bus", "car", "tree", "kite", "bird", "fork", "cup", "boat")
@@ -86,29 +89,30 @@ class SceneSpec:
     min_objects: int = 1
     caption_phrase: str = "{}"
     shuffle_captions: bool = False
+    weak_last: bool = False
 
     def __post_init__(self) -> None:
         names = set(self.objects)
         for a, b in self.pairs:
             if a not in names or b not in names:
-                raise ValueError(f"pairs must use names from objects {self.objects}, got {(a, b)}")
+                raise ParameterError(f"pairs must use names from objects {self.objects}, got {(a, b)}")
         check_float("p_cooccur", self.p_cooccur, low=0.0, high=1.0)
         check_float("p_cooccur_test", self.p_cooccur_test, low=0.0, high=1.0)
         check_int("max_objects", self.max_objects, low=1, high=self.grid * self.grid)
         most = min(self.max_objects + len(self.pairs), len(self.objects))  # partners join after the draw
         if most > self.grid * self.grid:
-            raise ValueError(
+            raise ParameterError(
                 f"a scene may hold {most} objects (max_objects + one partner per pair), more than the "
                 f"{self.grid * self.grid} cells of the grid"
             )
         check_int("min_objects", self.min_objects, low=1, high=self.max_objects)
         if self.caption_phrase.count("{}") != 1:
-            raise ValueError(f"caption_phrase must contain '{{}}' once, got {self.caption_phrase!r}")
+            raise ParameterError(f"caption_phrase must contain '{{}}' once, got {self.caption_phrase!r}")
         unknown = [w for w in self.caption_phrase.split() if w != "{}" and w not in PROMPT_WORDS]
         if unknown:
-            raise ValueError(f"caption_phrase words {unknown} are not in the vocabulary {PROMPT_WORDS}")
+            raise ParameterError(f"caption_phrase words {unknown} are not in the vocabulary {PROMPT_WORDS}")
         if self.cell != 4:
-            raise ValueError(f"cell must be 4 (the shape templates are 4x4), got {self.cell}")
+            raise ParameterError(f"cell must be 4 (the shape templates are 4x4), got {self.cell}")
 
     @property
     def image_size(self) -> int:
@@ -191,7 +195,7 @@ def caption(scene: Scene, spec: SceneSpec | None = None, order: Sequence[int] | 
     phrase = "{}" if spec is None else spec.caption_phrase
     objects = scene.objects if order is None else [scene.objects[i] for i in order]
     if sorted(objects) != sorted(scene.objects):
-        raise ValueError(f"order must be a permutation of range({len(scene.objects)}), got {order}")
+        raise ParameterError(f"order must be a permutation of range({len(scene.objects)}), got {order}")
     return " ".join([phrase.format(o) for o in objects] + ["."])
 
 
@@ -314,6 +318,9 @@ def make_examples(
             order = None
             if spec.shuffle_captions:
                 order = torch.randperm(len(scene.objects), generator=gen).tolist()
+            if spec.weak_last:  # stable sort: salient objects first, each group keeps its order
+                order = sorted(range(len(scene.objects)) if order is None else order,
+                               key=lambda j: scene.objects[j] in spec.weak)
             out.append((i, caption_prompt(), caption(scene, spec, order)))
     return out
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .._validation import check_int, make_generator
+from ..errors import MissingExtraError, ParameterError, ParameterTypeError
 from ..hierarchy.forward_backward import level_seeds
 from ..hierarchy.observables import ChangeStatistics, embedding_changes
 
@@ -67,8 +68,10 @@ def _start_steps(scheduler: Any, timestep: int) -> torch.Tensor:
     steps = scheduler.timesteps  # descending
     steps = steps[steps <= timestep]
     if steps.numel() == 0:
-        raise ValueError(f"timestep must be >= the smallest inference step {int(scheduler.timesteps.min())}, "
-                         f"got {timestep}")
+        raise ParameterError(
+            f"timestep must be >= the smallest inference step {int(scheduler.timesteps.min())}, "
+            f"got {timestep}"
+        )
     return steps
 
 
@@ -152,14 +155,16 @@ def image_forward_backward(
     """
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
         got = getattr(images, "shape", type(images).__name__)
-        raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got {got}")
+        raise ParameterError(f"images must be a non-empty (N, C, H, W) tensor, got {got}")
     n_traj = check_int("n_trajectories", n_trajectories, low=2)
     batch_size = check_int("batch_size", batch_size, low=1)
     timesteps = [check_int("timesteps entry", t, low=0) for t in timesteps]
     if not timesteps:
-        raise ValueError("timesteps must hold at least one step, got none")
+        raise ParameterError("timesteps must hold at least one step, got none")
     if not callable(encoder):
-        raise TypeError(f"encoder must be callable (images -> (B, k, k, D)), got {type(encoder).__name__}")
+        raise ParameterTypeError(
+            f"encoder must be callable (images -> (B, k, k, D)), got {type(encoder).__name__}"
+        )
     from tqdm.auto import tqdm
 
     seeds = level_seeds(seed, timesteps)  # a function of (seed, step): independent of the other steps
@@ -190,8 +195,8 @@ def _encode(encoder: Encoder, images: torch.Tensor, batch_size: int) -> torch.Te
         for start in range(0, images.shape[0], batch_size):
             e = encoder(images[start : start + batch_size])
             if not isinstance(e, torch.Tensor) or e.dim() != 4 or e.shape[1] != e.shape[2]:
-                raise ValueError(f"encoder must return (B, k, k, D) patch embeddings, "
-                                 f"got {getattr(e, 'shape', type(e).__name__)}")
+                raise ParameterError(f"encoder must return (B, k, k, D) patch embeddings, "
+                                     f"got {getattr(e, 'shape', type(e).__name__)}")
             out.append(e.float().cpu())
     return torch.cat(out)
 
@@ -244,11 +249,11 @@ def load_unet_and_scheduler(
     try:
         from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("loading a diffusion model needs diffusers: "
-                          "pip install 'layerwise[diffusion]'") from err
+        raise MissingExtraError("loading a diffusion model needs diffusers: "
+                                "pip install 'layerwise[diffusion]'") from err
     classes = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
     if scheduler not in classes:
-        raise ValueError(f"scheduler must be one of {sorted(classes)}, got {scheduler!r}")
+        raise ParameterError(f"scheduler must be one of {sorted(classes)}, got {scheduler!r}")
     unet = UNet2DModel.from_pretrained(path, subfolder="unet").to(device).eval()
     sched = classes[scheduler].from_pretrained(path, subfolder="scheduler")
     return unet, sched

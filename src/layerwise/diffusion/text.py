@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .._validation import check_choice, check_float, check_int, make_generator
+from ..errors import MissingExtraError, ParameterError, ParameterTypeError
 from ..hierarchy.forward_backward import ForwardBackwardResult, forward_backward
 
 __all__ = ["TokenMasking", "MaskedLMDenoiser", "passages_from_text", "text_forward_backward"]
@@ -56,7 +57,7 @@ class TokenMasking:
         level = check_float("level", level, low=0.0, high=1.0)
         if not isinstance(x0, torch.Tensor) or x0.dtype != torch.long or x0.dim() != 2:
             got = getattr(x0, "dtype", type(x0).__name__)
-            raise TypeError(f"x0 must be an (N, d) long tensor, got {got}")
+            raise ParameterTypeError(f"x0 must be an (N, d) long tensor, got {got}")
         gen = make_generator(generator)
         hit = torch.rand(x0.shape, generator=gen, dtype=torch.float64) < level
         if self.protected_ids:
@@ -96,8 +97,8 @@ class MaskedLMDenoiser:
         batch_size: int = 16,
     ) -> None:
         if not callable(model):
-            raise TypeError(f"model must be callable (input_ids -> output with .logits), "
-                            f"got {type(model).__name__}")
+            raise ParameterTypeError(f"model must be callable (input_ids -> output with .logits), "
+                                     f"got {type(model).__name__}")
         self.model = model
         self.mask_id = check_int("mask_id", mask_id, low=0)
         self.n_steps = check_int("n_steps", n_steps, low=1)
@@ -132,19 +133,21 @@ class MaskedLMDenoiser:
         device, torch_dtype : where and in which dtype to put the model.
         kwargs : passed to the constructor (n_steps, strategy, temperature, batch_size).
 
+        Notes
+        -----
         The tokenizer's special tokens become ``forbidden_ids``; it is kept as ``.tokenizer``.
         """
         try:
             from transformers import AutoModelForMaskedLM, AutoTokenizer
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("MaskedLMDenoiser.from_pretrained needs transformers: "
-                              "pip install 'layerwise[hf]'") from err
+            raise MissingExtraError("MaskedLMDenoiser.from_pretrained needs transformers: "
+                                    "pip install 'layerwise[hf]'") from err
         tok = AutoTokenizer.from_pretrained(tokenizer or path, trust_remote_code=trust_remote_code)
         if mask_id is None:
             mask_id = tok.mask_token_id
         if mask_id is None:
             source = tokenizer or path
-            raise ValueError(f"mask_id must be given: the tokenizer of {source!r} has no mask token")
+            raise ParameterError(f"mask_id must be given: the tokenizer of {source!r} has no mask token")
         load_kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if torch_dtype is not None:
             load_kw["dtype"] = torch_dtype
@@ -208,7 +211,7 @@ class MaskedLMDenoiser:
         """
         if not isinstance(x_t, torch.Tensor) or x_t.dtype != torch.long or x_t.dim() != 2:
             got = getattr(x_t, "dtype", type(x_t).__name__)
-            raise TypeError(f"x_t must be an (N, d) long tensor, got {got}")
+            raise ParameterTypeError(f"x_t must be an (N, d) long tensor, got {got}")
         gen = make_generator(generator)
         device = self._device()
         # Draws happen on the model's device with a generator seeded from ``gen``: same seed, same result.
@@ -235,7 +238,7 @@ def passages_from_text(
     if n_passages is not None:
         n = min(n, check_int("n_passages", n_passages, low=1))
     if n == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one passage of length={length}")
+        raise ParameterError(f"text has {len(ids)} tokens, fewer than one passage of length={length}")
     return torch.tensor(ids[: n * length], dtype=torch.long).reshape(n, length)  # (n, length)
 
 

@@ -4,7 +4,8 @@
 
 Submodules: ``checkpoints`` (readers and the sharded safetensors writer), ``task_vector``, ``merge``
 (registry, methods, streaming driver), ``lines`` (block discovery and scaling), ``config`` (YAML merge
-configs for ``layerwise merge``).
+configs for ``layerwise merge``), ``linearize`` (tangent-space models), ``disentanglement``, ``evaluation``
+(validation searches), ``finetune`` and ``workflow`` (``layerwise finetune``), ``clip`` (Hugging Face CLIP).
 """
 
 from .checkpoints import (
@@ -15,6 +16,9 @@ from .checkpoints import (
     open_checkpoint,
     save_checkpoint,
 )
+from .disentanglement import disentanglement_error
+from .finetune import FinetuneConfig, finetune
+from .linearize import LinearizedModel
 from .lines import (
     apply_lines,
     discover_blocks,
@@ -55,4 +59,8 @@ __all__ = [
     "plan_merge",
     "register_merge_method",
     "TaskVector",
+    "LinearizedModel",
+    "disentanglement_error",
+    "FinetuneConfig",
+    "finetune",
 ]

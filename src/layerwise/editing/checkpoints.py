@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
+import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from .._io import atomic_directory, write_json
+from ..errors import CheckpointError, ParameterError, ParameterTypeError
 from . import _safetensors as st
 
 __all__ = [
@@ -39,6 +42,26 @@ __all__ = [
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# what torch.load raises on truncated, corrupted or hostile files (weights_only=True refuses code)
+_TORCH_LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    zipfile.BadZipFile,
+    RuntimeError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    struct.error,
+    UnicodeDecodeError,
+    OverflowError,
+    ImportError,
+)
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A checkpoint path does not exist or holds no weights (also a ``FileNotFoundError``)."""
 
 
 class Checkpoint:
@@ -47,12 +70,15 @@ class Checkpoint:
     source: str = "<checkpoint>"
 
     def keys(self) -> list[str]:
+        """Tensor names."""
         raise NotImplementedError
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor ``key`` (read from the header; no data loaded)."""
         raise NotImplementedError
 
     def dtype(self, key: str) -> torch.dtype:
+        """Stored dtype of tensor ``key``."""
         raise NotImplementedError
 
     def read(self, key: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -70,6 +96,7 @@ class Checkpoint:
         out.copy_(self.read(key, start, start + out.numel()))
 
     def numel(self, key: str) -> int:
+        """Number of elements of tensor ``key``."""
         n = 1
         for d in self.shape(key):
             n *= d
@@ -80,6 +107,7 @@ class Checkpoint:
         return self.read(key).reshape(self.shape(key))
 
     def nbytes(self, key: str) -> int:
+        """Size of tensor ``key`` in bytes, in its stored dtype."""
         return self.numel(key) * torch.empty((), dtype=self.dtype(key)).element_size()
 
     def to_dict(self) -> dict[str, torch.Tensor]:
@@ -87,6 +115,7 @@ class Checkpoint:
         return {k: self.get(k) for k in self.keys()}
 
     def close(self) -> None:
+        """Release open files or memory maps (a no-op for in-memory checkpoints)."""
         pass
 
     def __contains__(self, key: object) -> bool:
@@ -145,7 +174,9 @@ class SafetensorsCheckpoint(Checkpoint):
             self.metadata.update(meta)
             for name, info in infos.items():
                 if name in self._where:
-                    raise ValueError(f"tensor {name!r} appears in two shards: {self._where[name][0]} and {f}")
+                    raise CheckpointError(
+                        f"tensor {name!r} appears in two shards: {self._where[name][0]} and {f}"
+                    )
                 self._where[name] = (Path(f), info)
         self.source = source or str(files[0])
         self._handles: dict[Path, Any] = {}
@@ -209,6 +240,15 @@ class TorchCheckpoint(Checkpoint):
         if weight_map is not None:  # sharded .bin with an index: names known without loading
             folder = self._files[0].parent
             self._where = {k: folder / v for k, v in weight_map.items()}
+            # open each shard once now (memory-mapped, then released) so that a truncated or hostile shard
+            # is refused when the checkpoint is opened (``--dry-run``), not halfway through a merge
+            for f in self._files:
+                found = set(_torch_load_tensors(f))
+                listed = sorted(k for k, v in self._where.items() if v == f and k not in found)
+                if listed:
+                    raise CheckpointError(
+                        f"{f}: the index lists tensors this shard lacks: {_clip(_q(listed))}"
+                    )
         else:
             self._where = {}
             for f in self._files:
@@ -254,10 +294,16 @@ def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: refusing to load: the file contains Python objects other than tensors, and layerwise "
             f"only unpickles with weights_only=True. Convert it to safetensors in a trusted environment. "
-            f"({str(err).splitlines()[0]})"
+            f"({(str(err).splitlines() or [''])[0]})"
+        ) from None
+    except _TORCH_LOAD_ERRORS as err:
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupted?): "
+            f"{type(err).__name__}: {first}"
         ) from None
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model", "module"):
@@ -269,8 +315,12 @@ def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
             ):
                 obj = inner
                 break
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
+    if (
+        not isinstance(obj, Mapping)
+        or not all(isinstance(k, str) for k in obj)
+        or not all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
+        raise CheckpointError(
             f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
         )
     return dict(obj)
@@ -294,12 +344,12 @@ def open_checkpoint(source: Any, name: str | None = None) -> Checkpoint:
     if isinstance(source, Mapping):
         return StateDictCheckpoint(source, source=name or "<state dict>")
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
+        raise ParameterTypeError(
             f"checkpoint must be a path, a state dict or a Checkpoint, got {type(source).__name__}"
         )
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingCheckpointError(f"checkpoint not found: {path}")
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsCheckpoint([path])
@@ -309,27 +359,46 @@ def open_checkpoint(source: Any, name: str | None = None) -> Checkpoint:
     indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
     if indexes:
         return _open_index(indexes[0])
-    shards = sorted(path.glob("*.safetensors"))
+    shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if shards:
         return SafetensorsCheckpoint(shards, source=str(path))
     torch_files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if len(torch_files) == 1:
         return TorchCheckpoint(torch_files, source=str(path))
     found = ", ".join(p.name for p in sorted(path.iterdir())[:10]) or "(empty)"
-    raise FileNotFoundError(
+    raise MissingCheckpointError(
         f"{path}: no weights found: expected an index json, *.safetensors files, or one torch file "
         f"({', '.join(WEIGHT_SUFFIXES)}); folder holds: {found}"
     )
 
 
 def _open_index(index: Path) -> Checkpoint:
-    weight_map = json.loads(index.read_text())["weight_map"]
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{index}: not a valid index json: {err}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index}: an index json needs a non-empty 'weight_map' mapping tensor names to shard files"
+        )
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(
+                f"{index}: weight_map[{name!r}] must be a file name in the index's folder, got {shard!r}"
+            )
     files = sorted({index.parent / f for f in weight_map.values()})
-    missing = [str(f) for f in files if not f.exists()]
+    missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"{index}: shards listed in the index are missing: {missing}")
+        raise MissingCheckpointError(f"{index}: shards listed in the index are missing: {missing}")
     if index.name.endswith(".safetensors.index.json"):
-        return SafetensorsCheckpoint(files, source=str(index.parent))
+        ck = SafetensorsCheckpoint(files, source=str(index.parent))
+        wrong = sorted(k for k, f in weight_map.items() if k not in ck._where or ck._where[k][0].name != f)
+        if wrong:
+            raise CheckpointError(
+                f"{index}: tensors not found in the shard the index names: {_clip(_q(wrong))}"
+            )
+        return ck
     return TorchCheckpoint(files, weight_map=weight_map, source=str(index.parent))
 
 
@@ -360,7 +429,7 @@ def check_compatible(checkpoints: Sequence[Checkpoint], *, check_dtypes: bool = 
                     f"dtype of {key!r}: {ref.dtype(key)} in {ref.source}, {ck.dtype(key)} in {ck.source}"
                 )
     if problems:
-        raise ValueError("checkpoints do not match:\n  " + "\n  ".join(_clip(problems, 20, sep="\n  ")))
+        raise CheckpointError("checkpoints do not match:\n  " + "\n  ".join(_clip(problems, 20, sep="\n  ")))
 
 
 def _q(items: list[str]) -> list[str]:
@@ -390,7 +459,7 @@ _UNITS = {
 def parse_size(value: int | str, name: str = "shard_size") -> int:
     """Bytes from an int or a string like ``"500MB"``, ``"2GiB"`` (decimal and binary units)."""
     if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a string like '2GB', got {value!r}")
+        raise ParameterTypeError(f"{name} must be an int or a string like '2GB', got {value!r}")
     if isinstance(value, int):
         size = value
     elif isinstance(value, str):
@@ -398,17 +467,17 @@ def parse_size(value: int | str, name: str = "shard_size") -> int:
         digits = text.rstrip("KMGTIB")
         unit = text[len(digits) :]
         if unit not in _UNITS or not digits:
-            raise ValueError(
+            raise ParameterError(
                 f"{name} must be bytes or a number with a unit in {sorted(_UNITS)}, got {value!r}"
             )
         try:
             size = int(float(digits) * _UNITS[unit])
-        except ValueError:
-            raise ValueError(f"{name} must be bytes or a number with a unit, got {value!r}") from None
+        except (ValueError, OverflowError):
+            raise ParameterError(f"{name} must be bytes or a number with a unit, got {value!r}") from None
     else:
-        raise TypeError(f"{name} must be an int or a string like '2GB', got {type(value).__name__}")
+        raise ParameterTypeError(f"{name} must be an int or a string like '2GB', got {type(value).__name__}")
     if size <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+        raise ParameterError(f"{name} must be positive, got {value!r}")
     return size
 
 

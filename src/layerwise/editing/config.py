@@ -24,20 +24,25 @@ Example file (paths are relative to the file's folder)::
 
 from __future__ import annotations
 
+import math
 import os
+import reprlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..errors import ConfigError, LayerwiseError, ParameterError, ParameterTypeError
 from .checkpoints import parse_size
 from .lines import _compile
 from .merge import MERGE_METHODS
 from .merge.driver import DTYPE_CHOICES, LinesSpec, MergePlan, plan_merge
+from .merge.gradients import split_schedules
+from .mergekit_config import is_mergekit_config, translate_mergekit
 
-__all__ = ["ModelEntry", "MergeConfig", "load_merge_config", "parse_merge_config"]
+__all__ = ["ModelEntry", "MergeConfig", "MissingPathError", "load_merge_config", "parse_merge_config"]
 
 _TOP_KEYS = (
     "method",
@@ -51,8 +56,18 @@ _TOP_KEYS = (
     "seed",
     "chunk_elements",
     "check_dtypes",
+    "tokenizer_source",
 )
 _LINES_KEYS = ("alpha", "beta", "pattern")
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+
+
+def _r(value: Any) -> str:
+    """A bounded repr for error messages (a YAML file can alias one list into a billion elements)."""
+    return _REPR.repr(value)
 
 
 @dataclass(frozen=True)
@@ -76,9 +91,22 @@ class MergeConfig:
     seed: int = 0
     chunk_elements: int = 1 << 20
     check_dtypes: bool = True
+    tokenizer_source: str | None = None
+    source_text: str | None = field(default=None, compare=False, repr=False)
 
     def plan(self) -> MergePlan:
-        """Open the checkpoints and validate the method parameters (no tensor data is read)."""
+        """Open the checkpoints and validate the method parameters (no tensor data is read).
+
+        A parameter refused at this stage (e.g. a weight beyond float32) raises
+        :class:`~layerwise.errors.ConfigError`; broken or mismatched checkpoints raise
+        :class:`~layerwise.errors.CheckpointError`.
+        """
+        try:
+            return self._plan()
+        except (ParameterError, ParameterTypeError) as err:
+            raise ConfigError(str(err)) from None
+
+    def _plan(self) -> MergePlan:
         return plan_merge(
             self.method,
             [m.path for m in self.models],
@@ -92,6 +120,7 @@ class MergeConfig:
             max_shard_bytes=self.shard_size,
             chunk_elements=self.chunk_elements,
             check_dtypes=self.check_dtypes,
+            tokenizer_source=self.tokenizer_source,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +134,7 @@ class MergeConfig:
                 "pattern": self.lines.pattern,
             }
         )
-        return {
+        out = {
             "method": self.method,
             "base_model": None if self.base_model is None else str(self.base_model),
             "models": [{"model": str(m.path), "parameters": dict(m.parameters)} for m in self.models],
@@ -116,89 +145,131 @@ class MergeConfig:
             "shard_size": self.shard_size,
             "seed": self.seed,
         }
+        if self.tokenizer_source is not None:
+            out["tokenizer_source"] = self.tokenizer_source
+        return out
+
+
+class MissingPathError(ConfigError, FileNotFoundError):
+    """A path given in a merge config does not exist (also a ``FileNotFoundError``)."""
 
 
 def load_merge_config(path: str | os.PathLike, *, check_files: bool = True) -> MergeConfig:
-    """Read and validate a YAML merge config; errors start with the file name."""
+    """Read and validate a YAML merge config; errors (:class:`~layerwise.errors.ConfigError`) start with the
+    file name and name the key."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"merge config not found: {path}")
+        raise MissingPathError(f"merge config not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as err:  # the constructors raise these too
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     try:
-        return parse_merge_config(data, base_dir=path.parent, check_files=check_files)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+        config = parse_merge_config(data, base_dir=path.parent, check_files=check_files)
+    except ConfigError as err:
         raise type(err)(f"{path}: {err}") from None
+    return replace(config, source_text=text)
 
 
 def parse_merge_config(
     data: Any, base_dir: str | os.PathLike = ".", *, check_files: bool = True
 ) -> MergeConfig:
-    """Validate a config mapping (as read from YAML); relative paths are taken from ``base_dir``."""
+    """Validate a config mapping (as read from YAML); relative paths are taken from ``base_dir``.
+
+    A mergekit config (one with ``merge_method``) is translated first (:mod:`.mergekit_config`).
+
+    Every problem raises :class:`~layerwise.errors.ConfigError` (a ``ValueError``) naming the key;
+    a missing file raises :class:`MissingPathError` (also a ``FileNotFoundError``).
+    """
+    try:
+        return _parse(data, Path(base_dir), check_files)
+    except ConfigError:
+        raise
+    except (LayerwiseError, ValueError, TypeError) as err:  # from the method/LiNeS/size validators
+        raise ConfigError(str(err)) from None
+    except RecursionError:
+        raise ConfigError("the config is nested too deeply") from None
+
+
+def _parse(data: Any, base_dir: Path, check_files: bool) -> MergeConfig:
+    if is_mergekit_config(data):
+        data = translate_mergekit(data)
     if not isinstance(data, Mapping):
-        raise ValueError(
+        raise ConfigError(
             f"the config must be a mapping with keys {list(_TOP_KEYS)}, got {type(data).__name__}"
         )
-    unknown = sorted(set(data) - set(_TOP_KEYS))
+    unknown = sorted((k for k in data if k not in _TOP_KEYS), key=repr)
     if unknown:
-        raise ValueError(f"unknown key(s) {unknown}; valid keys: {list(_TOP_KEYS)}")
+        raise ConfigError(f"unknown key(s) {_r(unknown)}; valid keys: {list(_TOP_KEYS)}")
     if "method" not in data:
-        raise ValueError(f"'method' is required; valid methods: {sorted(MERGE_METHODS.names())}")
+        raise ConfigError(f"'method' is required; valid methods: {sorted(MERGE_METHODS.names())}")
     method = data["method"]
     if not isinstance(method, str) or method not in MERGE_METHODS:
-        raise ValueError(f"method must be one of {sorted(MERGE_METHODS.names())}, got {method!r}")
-    base_dir = Path(base_dir)
+        raise ConfigError(f"method must be one of {sorted(MERGE_METHODS.names())}, got {_r(method)}")
 
     def resolve(where: str, value: Any) -> Path:
-        if not isinstance(value, (str, os.PathLike)) or not str(value):
-            raise TypeError(f"{where} must be a path, got {value!r}")
+        if not isinstance(value, (str, os.PathLike)) or not str(value) or "\0" in str(value):
+            raise ConfigError(f"{where} must be a path, got {_r(value)}")
         p = Path(os.path.expanduser(str(value)))
         p = p if p.is_absolute() else base_dir / p
         if check_files and not p.exists():
-            raise FileNotFoundError(f"{where}: not found: {p}")
+            raise MissingPathError(f"{where}: not found: {p}")
         return p
 
     models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
-        raise ValueError(
+        raise ConfigError(
             f"models must be a non-empty list of paths or {{model: PATH, parameters: {{...}}}}, "
-            f"got {models_raw!r}"
+            f"got {_r(models_raw)}"
         )
     models = []
     for i, entry in enumerate(models_raw):
         if isinstance(entry, (str, os.PathLike)):
             entry = {"model": entry}
         if not isinstance(entry, Mapping) or "model" not in entry:
-            raise ValueError(
-                f"models[{i}] must be a path or a mapping with 'model' (and 'parameters'), got {entry!r}"
+            raise ConfigError(
+                f"models[{i}] must be a path or a mapping with 'model' (and 'parameters'), got {_r(entry)}"
             )
-        extra = sorted(set(entry) - {"model", "parameters"})
+        extra = sorted((k for k in entry if k not in ("model", "parameters")), key=repr)
         if extra:
-            raise ValueError(f"models[{i}]: unknown key(s) {extra}; valid: ['model', 'parameters']")
-        params = entry.get("parameters") or {}
+            raise ConfigError(f"models[{i}]: unknown key(s) {_r(extra)}; valid: ['model', 'parameters']")
+        params = entry.get("parameters")
+        params = {} if params is None else params
         if not isinstance(params, Mapping):
-            raise ValueError(f"models[{i}].parameters must be a mapping, got {params!r}")
+            raise ConfigError(f"models[{i}].parameters must be a mapping, got {_r(params)}")
         models.append(ModelEntry(resolve(f"models[{i}].model", entry["model"]), dict(params)))
     base = data.get("base_model")
     base_path = None if base is None else resolve("base_model", base)
     if base_path is None and MERGE_METHODS.get(method).needs_base:
-        raise ValueError(f"base_model is required by method {method!r}")
-    params = data.get("parameters") or {}
+        raise ConfigError(f"base_model is required by method {_r(method)}")
+    params = data.get("parameters")
+    params = {} if params is None else params
     if not isinstance(params, Mapping):
-        raise ValueError(f"parameters must be a mapping, got {params!r}")
-    # validate the method parameters now (names, ranges), before any checkpoint is opened
-    MERGE_METHODS.get(method).resolve(params, [m.parameters for m in models])
+        raise ConfigError(f"parameters must be a mapping, got {_r(params)}")
+    # validate the method parameters now (names, ranges, cross-checks), before any checkpoint is opened
+    # (list values are per-layer gradients or filters: every number is range-checked here too)
+    spec = MERGE_METHODS.get(method)
+    spec.resolve(*split_schedules(spec, params, [m.parameters for m in models])[:2])
+    tokenizer_source = data.get("tokenizer_source")
+    if tokenizer_source is not None and tokenizer_source != "base":
+        raise ConfigError(
+            f"tokenizer_source must be 'base' (keep the base's vocabulary: embedding rows of models with "
+            f"added tokens are truncated/padded) or omitted, got {_r(tokenizer_source)}"
+        )
 
     dtype = data.get("dtype")
-    if dtype is not None and dtype not in DTYPE_CHOICES:
-        raise ValueError(
-            f"dtype must be one of {sorted(DTYPE_CHOICES)} (or omitted: keep the base's), got {dtype!r}"
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPE_CHOICES):
+        raise ConfigError(
+            f"dtype must be one of {sorted(DTYPE_CHOICES)} (or omitted: keep the base's), got {_r(dtype)}"
         )
     check_dtypes = data.get("check_dtypes", True)
     if not isinstance(check_dtypes, bool):
-        raise TypeError(f"check_dtypes must be true or false, got {check_dtypes!r}")
+        raise ConfigError(f"check_dtypes must be true or false, got {_r(check_dtypes)}")
     return MergeConfig(
         method=method,
         models=tuple(models),
@@ -208,21 +279,28 @@ def parse_merge_config(
         lines=_lines(data.get("lines")),
         dtype=dtype,
         shard_size=parse_size(data.get("shard_size", "5GB"), "shard_size"),
-        seed=_int("seed", data.get("seed", 0)),
-        chunk_elements=_int("chunk_elements", data.get("chunk_elements", 1 << 20), low=1),
+        seed=_int("seed", data.get("seed", 0), high=2**63 - 1),
+        chunk_elements=_int("chunk_elements", data.get("chunk_elements", 1 << 20), low=1, high=2**62),
         check_dtypes=check_dtypes,
+        tokenizer_source=tokenizer_source,
     )
 
 
 def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    return float(value)
+        raise ConfigError(f"{name} must be a finite number, got {_r(value)}")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ConfigError(f"{name} must be a finite number, got {_r(value)}")
+    return out
 
 
-def _int(name: str, value: Any, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+def _int(name: str, value: Any, low: int = 0, high: int = 2**63 - 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {_r(value)}")
     return value
 
 
@@ -230,15 +308,15 @@ def _lines(raw: Any) -> LinesSpec | None:
     if raw is None or raw is False:
         return None
     if not isinstance(raw, Mapping):
-        raise ValueError(f"lines must be a mapping with keys {list(_LINES_KEYS)}, got {raw!r}")
-    unknown = sorted(set(raw) - set(_LINES_KEYS))
+        raise ConfigError(f"lines must be a mapping with keys {list(_LINES_KEYS)}, got {_r(raw)}")
+    unknown = sorted((k for k in raw if k not in _LINES_KEYS), key=repr)
     if unknown:
-        raise ValueError(f"lines: unknown key(s) {unknown}; valid: {list(_LINES_KEYS)}")
+        raise ConfigError(f"lines: unknown key(s) {_r(unknown)}; valid: {list(_LINES_KEYS)}")
     alpha = raw.get("alpha", "auto")
-    if alpha == "auto":
+    if isinstance(alpha, str) and alpha == "auto":
         alpha = None
         if raw.get("beta") is None:
-            raise ValueError(
+            raise ConfigError(
                 "lines: alpha 'auto' (multi-task) needs beta; for single-task LiNeS give alpha "
                 "(beta defaults to 1 - alpha)"
             )
@@ -248,7 +326,7 @@ def _lines(raw: Any) -> LinesSpec | None:
     beta = None if beta is None else _number("lines.beta", beta)
     pattern = raw.get("pattern")
     if pattern is not None and not isinstance(pattern, str):
-        raise TypeError(f"lines.pattern must be a regular expression string, got {pattern!r}")
+        raise ConfigError(f"lines.pattern must be a regular expression string, got {_r(pattern)}")
     if pattern is not None:
         _compile(pattern)
     return LinesSpec(alpha=alpha, beta=beta, pattern=pattern)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .._validation import check_float
+from ..errors import ParameterError
 from .task_vector import TaskVector
 
 __all__ = [
@@ -99,7 +100,7 @@ def discover_blocks(keys: Iterable[str], pattern: str | None = None) -> BlockLay
             if pattern is None
             else f"pattern {pattern!r}"
         )
-        raise ValueError(
+        raise ParameterError(
             f"no residual blocks found with {how} in keys such as {list(keys[:4])}; "
             "pass pattern=<regex whose first group captures the block index>"
         )
@@ -115,9 +116,9 @@ def _compile(pattern: str) -> re.Pattern:
     try:
         regex = re.compile(pattern)
     except re.error as err:
-        raise ValueError(f"pattern must be a regular expression, got {pattern!r} ({err})") from None
+        raise ParameterError(f"pattern must be a regular expression, got {pattern!r} ({err})") from None
     if regex.groups < 1:
-        raise ValueError(f"pattern must have a group capturing the block index, got {pattern!r}")
+        raise ParameterError(f"pattern must have a group capturing the block index, got {pattern!r}")
     return regex
 
 

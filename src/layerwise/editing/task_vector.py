@@ -81,9 +81,11 @@ class TaskVector:
 
     # -- access -----------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
+        """Tensor names of the task vector."""
         return list(self._keys)
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of tensor ``key``."""
         return self._shapes[key]
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -97,6 +99,7 @@ class TaskVector:
             yield k, self._fn(k)
 
     def to_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, materialised: ``{name: tensor}``."""
         return dict(self.items())
 
     # -- algebra (lazy) ---------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ from ._base import EXPERIMENTS, SCALES, Experiment, run_experiment
 from . import rhm_stats  # noqa: E402,F401  isort: skip
 from . import phase_transition  # noqa: E402,F401  isort: skip
 from . import chunks  # noqa: E402,F401  isort: skip
+from . import rhm_learning  # noqa: E402,F401  isort: skip
+from . import locality  # noqa: E402,F401  isort: skip
+from . import deep_kernels  # noqa: E402,F401  isort: skip
+from . import diffeo_stability  # noqa: E402,F401  isort: skip
+from . import task_arithmetic  # noqa: E402,F401  isort: skip
+from . import lines  # noqa: E402,F401  isort: skip
 from . import m3id  # noqa: E402,F401  isort: skip
 from . import m3id_long  # noqa: E402,F401  isort: skip
 

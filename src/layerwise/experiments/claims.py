@@ -31,6 +31,7 @@ __all__ = [
     "verdict_from",
     "verdict_within",
     "mean_std",
+    "format_mean_std",
 ]
 
 # The nine systems, in the order the report's scorecard lists them.
@@ -81,10 +82,12 @@ class Claim:
             raise ValueError(f"Claim.verdict must be one of {list(VERDICTS)}, got {self.verdict!r}")
 
     def to_dict(self) -> dict[str, str]:
+        """The fields as a dict of strings (what claims.json stores)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Claim:
+        """Rebuild a Claim from :meth:`to_dict`'s output."""
         return cls(**{k: str(data[k]) for k in cls.__dataclass_fields__})
 
 
@@ -109,11 +112,13 @@ class Table:
                 raise ValueError(f"Table {self.name!r} row {i} lacks column(s) {missing}")
 
     def to_dict(self) -> dict[str, Any]:
+        """``{name, caption, columns, rows}`` (what tables.json stores)."""
         return {"name": self.name, "caption": self.caption, "columns": list(self.columns),
                 "rows": [dict(r) for r in self.rows]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Table:
+        """Rebuild a Table from :meth:`to_dict`'s output."""
         return cls(name=data["name"], caption=data["caption"], columns=tuple(data["columns"]),
                    rows=tuple(dict(r) for r in data["rows"]))
 
@@ -144,4 +149,13 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
         return "n/a (0)"
     mean = sum(vals) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    return format_mean_std(mean, std, n, digits)
+
+
+def format_mean_std(mean: float, std: float, n: int, digits: int = 3) -> str:
+    """``"mean +- std (n)"`` from precomputed numbers (same format as :func:`mean_std`).
+
+    >>> format_mean_std(0.12345, 0.0321, 5)
+    '0.123 +- 0.032 (5)'
+    """
     return f"{mean:.{digits}g} +- {std:.2g} ({n})"

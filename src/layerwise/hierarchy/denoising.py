@@ -16,13 +16,16 @@ from pathlib import Path
 
 import torch
 
+from .._resources import check_memory
 from .._validation import check_float, check_int, make_generator
-from .bp import belief_propagation, sample_posterior
+from ..errors import InputDataError, ParameterError, ParameterTypeError
+from ._device import resolve_device
+from .bp import bp_memory, marginals_and_sample
 from .datafile import dataset_arrays, read_arrays, write_arrays
 from .noise import NoiseProcess, make_noise_process
 from .rhm import RHM, RHMSample
 
-__all__ = ["DenoiseResult", "denoise", "save_denoised", "load_denoised"]
+__all__ = ["DenoiseResult", "denoise", "denoise_memory", "save_denoised", "load_denoised"]
 
 @dataclass(frozen=True)
 class DenoiseResult:
@@ -68,6 +71,7 @@ def denoise(
     seed: int | None = 0,
     dtype: torch.dtype = torch.float64,
     batch_size: int = 4096,
+    device: str | torch.device | None = None,
 ) -> DenoiseResult:
     """Noise ``data`` at ``level`` and draw exact posterior samples and marginals.
 
@@ -80,6 +84,9 @@ def denoise(
     seed : seed of the corruption and of the posterior draws (same seed and batch_size -> same output).
     dtype : floating dtype of BP (float64 default).
     batch_size : rows per BP call (bounds the memory of the temporaries, not of the outputs).
+    device : where the leaf evidence is built and BP runs (e.g. ``"cuda"``); default: the device of
+        ``data``. Noise and posterior uniforms are drawn on the CPU, so a seed gives the same draws on every
+        device; the outputs come back on the device of ``data``.
 
     Returns
     -------
@@ -93,28 +100,36 @@ def denoise(
     1.0
     """
     if not isinstance(rhm, RHM):
-        raise TypeError(f"rhm must be an RHM, got {type(rhm).__name__}")
+        raise ParameterTypeError(f"rhm must be an RHM, got {type(rhm).__name__}")
     if not isinstance(data, RHMSample):
-        raise TypeError(f"data must be an RHMSample, got {type(data).__name__}")
+        raise ParameterTypeError(f"data must be an RHMSample, got {type(data).__name__}")
     proc = make_noise_process(process, rhm.v) if isinstance(process, str) else process
     if not isinstance(proc, NoiseProcess):
-        raise TypeError(f"process must be a name or a NoiseProcess, got {type(process).__name__}")
+        raise ParameterTypeError(f"process must be a name or a NoiseProcess, got {type(process).__name__}")
     if proc.v != rhm.v:
-        raise ValueError(f"process vocabulary v={proc.v} does not match the RHM's v={rhm.v}")
+        raise ParameterError(f"process vocabulary v={proc.v} does not match the RHM's v={rhm.v}")
     level = check_float("level", level, low=0.0, high=1.0)
     batch_size = check_int("batch_size", batch_size, low=1)
+    _check_data(rhm, data)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ParameterTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    check_memory(denoise_memory(rhm, len(data), dtype, batch_size), f"denoising {len(data)} data of {rhm!r}")
+    work = resolve_device(device, data.tokens.device)
     gen = make_generator(seed)  # None: a fresh random seed, recorded below
     seed_value = int(gen.initial_seed())
     noisy = proc.corrupt(data.tokens, level, gen)  # (N, d)
     marginals: list[list[torch.Tensor]] = [[] for _ in range(rhm.L + 1)]
     log_z, samples = [], []
+    home = data.tokens.device
     for start in range(0, len(data), batch_size):
-        evidence = proc.leaf_evidence(noisy[start : start + batch_size], level, dtype=dtype)  # (B, d, v)
-        res = belief_propagation(rhm, evidence, dtype=dtype)
+        batch = noisy[start : start + batch_size].to(work)
+        evidence = proc.leaf_evidence(batch, level, dtype=dtype)  # (B, d, v), built on `work`
+        res, sample = marginals_and_sample(rhm, evidence, seed=gen, dtype=dtype)  # one upward pass
         for lev, marg in enumerate(res.marginals):
-            marginals[lev].append(marg)
-        log_z.append(res.log_partition)
-        samples.append(sample_posterior(rhm, evidence, seed=gen, dtype=dtype))
+            marginals[lev].append(marg.to(home))
+        log_z.append(res.log_partition.to(home))
+        samples.append(RHMSample(labels=sample.labels.to(home), tree=tuple(t.to(home) for t in sample.tree),
+                                 choices=tuple(c.to(home) for c in sample.choices)))
     if samples:
         posterior = RHMSample(
             labels=torch.cat([p.labels for p in samples]),
@@ -137,6 +152,31 @@ def denoise(
         ),
         log_partition=torch.cat(log_z) if log_z else torch.zeros(0, dtype=dtype),
     )
+
+
+def _check_data(rhm: RHM, data: RHMSample) -> None:
+    """``data`` must be data of ``rhm``: shapes, labels in [0, n_c), tokens in [0, v)."""
+    n = len(data)
+    if tuple(data.tokens.shape) != (n, rhm.d) or len(data.tree) != rhm.L + 1:
+        raise ParameterError(
+            f"data must be data of {rhm!r} (tokens of shape (N, {rhm.d})), got tokens of shape "
+            f"{tuple(data.tokens.shape)} and {len(data.tree) - 1} levels"
+        )
+    for name, values, high in (("labels", data.labels, rhm.n_c), ("tokens", data.tokens, rhm.v)):
+        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= high):
+            low_got, high_got = int(values.min()), int(values.max())
+            raise ParameterError(f"data.{name} must lie in [0, {high}), got [{low_got}, {high_got}]")
+
+
+def denoise_memory(rhm: RHM, n: int, dtype: torch.dtype = torch.float64, batch_size: int = 4096) -> int:
+    """Estimated peak bytes of :func:`denoise` on ``n`` data: the marginals of every level for all data,
+    the noisy tokens and posterior samples (int64), and one batch of evidence and belief propagation."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    marginal_values = n * (rhm.n_c + rhm.v * (rhm.s ** (rhm.L + 1) - rhm.s) // (rhm.s - 1))
+    tokens = 8 * n * (3 * rhm.n_internal + 2 * rhm.d + 1)
+    batch = min(n, batch_size)
+    evidence = itemsize * batch * rhm.d * rhm.v
+    return itemsize * marginal_values + tokens + evidence + bp_memory(rhm, batch, dtype)
 
 
 def save_denoised(path: str | os.PathLike, rhm: RHM, result: DenoiseResult) -> Path:
@@ -163,7 +203,7 @@ def load_denoised(path: str | os.PathLike) -> dict[str, torch.Tensor | str | flo
     out: dict[str, torch.Tensor | str | float | int] = dict(read_arrays(path, name="path"))
     missing = [k for k in ("process", "level", "seed", "noisy", "marginals_0") if k not in out]
     if missing:
-        raise ValueError(f"{str(path)!r} is not a denoise output file (missing {missing})")
+        raise InputDataError(f"{str(path)!r} is not a denoise output file (missing {missing})")
     out["process"] = bytes(out["process"].tolist()).decode("utf-8")
     out["level"] = float(out["level"])
     out["seed"] = int(out["seed"])

@@ -25,6 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .._validation import check_float, check_int, make_generator
+from ..errors import ParameterError, ParameterTypeError
+from ._device import resolve_device
 from .bp import sample_posterior
 from .noise import NoiseProcess, make_noise_process
 from .observables import ChangeStatistics, token_changes
@@ -71,6 +73,7 @@ class Denoiser(Protocol):
     def sample_x0(
         self, x_t: torch.Tensor, process: Any, level: float, generator: torch.Generator | None = None
     ) -> RHMSample | torch.Tensor:
+        """Draw clean data given noisy tokens ``x_t`` (N, d) at ``level``: an RHMSample or (N, d) tokens."""
         ...
 
 
@@ -83,6 +86,9 @@ class BPDenoiser:
     dtype : floating dtype of the messages (float64 default; float32 is ~3x faster and adequate for
         sampling, since messages are normalized at every node).
     max_rows : rows of evidence per BP call (default: about 64 MiB of evidence).
+    device : where the leaf evidence is built and BP runs (e.g. ``"cuda"``); default: the device of the
+        noisy tokens. The sample comes back on the device of the noisy tokens; its uniforms are drawn on
+        the CPU, so a seed gives the same draws on every device.
 
     Example
     -------
@@ -94,13 +100,15 @@ class BPDenoiser:
     True
     """
 
-    def __init__(self, rhm: RHM, dtype: torch.dtype = torch.float64, max_rows: int | None = None) -> None:
+    def __init__(self, rhm: RHM, dtype: torch.dtype = torch.float64, max_rows: int | None = None,
+                 device: str | torch.device | None = None) -> None:
         if not isinstance(rhm, RHM):
-            raise TypeError(f"rhm must be an RHM, got {type(rhm).__name__}")
+            raise ParameterTypeError(f"rhm must be an RHM, got {type(rhm).__name__}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+            raise ParameterTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.rhm = rhm
         self.dtype = dtype
+        self.device = None if device is None else resolve_device(device)
         default_rows = max(1, _EVIDENCE_ELEMENTS // (rhm.d * rhm.v))
         self.max_rows = default_rows if max_rows is None else check_int("max_rows", max_rows, low=1)
 
@@ -110,22 +118,30 @@ class BPDenoiser:
         return self.rhm.v
 
     def __repr__(self) -> str:
-        return f"BPDenoiser({self.rhm!r}, dtype={self.dtype})"
+        where = "" if self.device is None else f", device={str(self.device)!r}"
+        return f"BPDenoiser({self.rhm!r}, dtype={self.dtype}{where})"
 
     def sample_x0(
         self, x_t: torch.Tensor, process: NoiseProcess, level: float, generator: torch.Generator | None = None
     ) -> RHMSample:
         """Exact posterior samples given noisy tokens ``x_t`` (N, d) from ``process`` at ``level``."""
         if not isinstance(process, NoiseProcess):
-            raise TypeError(f"process must be a NoiseProcess (it provides the leaf evidence), "
-                            f"got {type(process).__name__}")
+            raise ParameterTypeError(f"process must be a NoiseProcess (it provides the leaf evidence), "
+                                     f"got {type(process).__name__}")
         if process.v != self.rhm.v:
-            raise ValueError(f"process.v must equal rhm.v = {self.rhm.v}, got {process.v}")
+            raise ParameterError(f"process.v must equal rhm.v = {self.rhm.v}, got {process.v}")
         gen = make_generator(generator)
+        home = x_t.device
+        work = self.device if self.device is not None else home
         parts = []
         for start in range(0, x_t.shape[0], self.max_rows):
-            evidence = process.leaf_evidence(x_t[start : start + self.max_rows], level, dtype=self.dtype)
-            parts.append(sample_posterior(self.rhm, evidence, seed=gen, dtype=self.dtype))
+            rows = x_t[start : start + self.max_rows].to(work)
+            evidence = process.leaf_evidence(rows, level, dtype=self.dtype)  # (B, d, v), built on `work`
+            part = sample_posterior(self.rhm, evidence, seed=gen, dtype=self.dtype)
+            if work != home:
+                part = RHMSample(labels=part.labels.to(home), tree=tuple(t.to(home) for t in part.tree),
+                                 choices=tuple(c.to(home) for c in part.choices))
+            parts.append(part)
         if len(parts) == 1:
             return parts[0]
         return RHMSample(
@@ -214,6 +230,7 @@ def _run_level(
     seed: int,
     keep: bool,
     batch_x0: int,
+    device: torch.device | None = None,
 ) -> LevelResult:
     gen = make_generator(seed)
     n, d = x0.shape
@@ -227,11 +244,15 @@ def _run_level(
         b = x0_b.shape[0]
         rep = x0_b.repeat_interleave(n_traj, dim=0)  # (b * T, d), trajectories of one x0 adjacent
         x_t = process.corrupt(rep, level, gen)
-        out = denoiser.sample_x0(x_t, process, level, gen)
+        out = denoiser.sample_x0(x_t if device is None else x_t.to(device), process, level, gen)
+        if device is not None:  # observables are computed where x0 lives
+            out = (RHMSample(labels=out.labels.to(x0.device), tree=tuple(t.to(x0.device) for t in out.tree),
+                             choices=tuple(c.to(x0.device) for c in out.choices))
+                   if isinstance(out, RHMSample) else out.to(x0.device))
         tokens_hat = out.tokens if isinstance(out, RHMSample) else out
         if not isinstance(tokens_hat, torch.Tensor) or tuple(tokens_hat.shape) != (b * n_traj, d):
-            raise ValueError(f"denoiser must return (N, d) = {(b * n_traj, d)} tokens or an RHMSample, "
-                             f"got {getattr(tokens_hat, 'shape', type(tokens_hat).__name__)}")
+            raise ParameterError(f"denoiser must return (N, d) = {(b * n_traj, d)} tokens or an RHMSample, "
+                                 f"got {getattr(tokens_hat, 'shape', type(tokens_hat).__name__)}")
         tokens_hat = tokens_hat.reshape(b, n_traj, d)  # (b, T, d)
         changes = token_changes(x0_b, tokens_hat)  # (b, T, d)
         change_sum += float(changes.sum())
@@ -294,6 +315,7 @@ def forward_backward(
     batch_size: int = 4096,
     executor: Executor | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> ForwardBackwardResult:
     """Run forward-backward from ``data`` at every noise level and measure the changes.
 
@@ -317,6 +339,10 @@ def forward_backward(
         deadlock in torch's thread pool) or ``dask.distributed.Client.get_executor()``; default: in this
         process. Results do not depend on the executor.
     progress : show a tqdm progress bar over levels.
+    device : where the denoiser receives the noisy tokens (e.g. ``"cuda"``: the exact
+        :class:`BPDenoiser` then builds the leaf evidence and runs BP there); default: where ``data`` is.
+        Noise and the sampler's uniforms are drawn on the CPU and observables are computed on ``data``'s
+        device, so results depend on ``device`` only through floating-point round-off in BP.
 
     Returns
     -------
@@ -335,30 +361,33 @@ def forward_backward(
     elif isinstance(data, torch.Tensor):
         x0, tree0 = data, None
     else:
-        raise TypeError(f"data must be an RHMSample or an (N, d) long tensor, got {type(data).__name__}")
+        raise ParameterTypeError(
+            f"data must be an RHMSample or an (N, d) long tensor, got {type(data).__name__}"
+        )
     if x0.dtype != torch.long or x0.dim() != 2 or x0.shape[0] == 0:
-        raise ValueError(f"data tokens must be a non-empty (N, d) long tensor, "
-                         f"got {x0.dtype} {tuple(x0.shape)}")
+        raise ParameterError(f"data tokens must be a non-empty (N, d) long tensor, "
+                             f"got {x0.dtype} {tuple(x0.shape)}")
     if isinstance(process, str):
         vocab = getattr(denoiser, "vocab_size", None)
         if vocab is None:
-            raise ValueError(f"process given by name ({process!r}) needs a denoiser with vocab_size; "
-                             "pass a process object instead")
+            raise ParameterError(f"process given by name ({process!r}) needs a denoiser with vocab_size; "
+                                 "pass a process object instead")
         process = make_noise_process(process, vocab)
     if not hasattr(process, "corrupt"):
-        raise TypeError(f"process must have a corrupt(x0, level, generator) method, "
-                        f"got {type(process).__name__}")
+        raise ParameterTypeError(f"process must have a corrupt(x0, level, generator) method, "
+                                 f"got {type(process).__name__}")
     if not hasattr(denoiser, "sample_x0"):
-        raise TypeError(f"denoiser must have a sample_x0(x_t, process, level, generator) method, "
-                        f"got {type(denoiser).__name__}")
+        raise ParameterTypeError(f"denoiser must have a sample_x0(x_t, process, level, generator) method, "
+                                 f"got {type(denoiser).__name__}")
     levels = [check_float("levels entry", t, low=0.0, high=1.0) for t in levels]
     if not levels:
-        raise ValueError("levels must hold at least one noise level, got none")
+        raise ParameterError("levels must hold at least one noise level, got none")
     n_traj = check_int("n_trajectories", n_trajectories, low=1)
     batch_size = check_int("batch_size", batch_size, low=1)
     batch_x0 = max(1, batch_size // n_traj)
     seeds = level_seeds(seed, levels)
-    args = [(x0, tree0, process, t, n_traj, denoiser, sd, keep_trajectories, batch_x0)
+    work = None if device is None else resolve_device(device)
+    args = [(x0, tree0, process, t, n_traj, denoiser, sd, keep_trajectories, batch_x0, work)
             for t, sd in zip(levels, seeds, strict=True)]
     from tqdm.auto import tqdm
 

@@ -35,6 +35,7 @@ import torch
 
 from .._registry import Registry
 from .._validation import check_float, check_int, make_generator
+from ..errors import ParameterError, ParameterTypeError
 
 __all__ = [
     "NoiseProcess",
@@ -53,6 +54,8 @@ class NoiseProcess:
     ----------
     v : vocabulary size (>= 1).
 
+    Notes
+    -----
     Subclasses set ``name`` and implement :meth:`_corrupt` and :meth:`_evidence`; the public methods validate
     their arguments first.
     """
@@ -111,7 +114,7 @@ class NoiseProcess:
         level = check_float("level", level, low=0.0, high=1.0)
         self._check_tokens("x_t", x_t, self.n_states)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+            raise ParameterTypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         return self._evidence(x_t, level, dtype)
 
     # ---------------------------------------------------------------- to implement
@@ -126,19 +129,20 @@ class NoiseProcess:
     def _check_tokens(name: str, tokens: torch.Tensor, n_values: int) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long:
             got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"{name} must be a long tensor, got {got}")
+            raise ParameterTypeError(f"{name} must be a long tensor, got {got}")
         if tokens.dim() != 2:
-            raise ValueError(f"{name} must have shape (N, d), got {tuple(tokens.shape)}")
+            raise ParameterError(f"{name} must have shape (N, d), got {tuple(tokens.shape)}")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= n_values):
-            raise ValueError(
+            raise ParameterError(
                 f"{name} values must be in [0, {n_values}), got range "
                 f"[{int(tokens.min())}, {int(tokens.max())}]"
             )
 
     def _smoothed_one_hot(self, tokens: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
         """(N, d) long -> (N, d, v): ``(1 - eps) δ_{token} + eps / v``."""
-        out = torch.full((*tokens.shape, self.v), eps / self.v, dtype=dtype)
-        out.scatter_add_(-1, tokens.unsqueeze(-1), torch.full((*tokens.shape, 1), 1.0 - eps, dtype=dtype))
+        out = torch.full((*tokens.shape, self.v), eps / self.v, dtype=dtype, device=tokens.device)
+        peak = torch.full((*tokens.shape, 1), 1.0 - eps, dtype=dtype, device=tokens.device)
+        out.scatter_add_(-1, tokens.unsqueeze(-1), peak)
         return out
 
 

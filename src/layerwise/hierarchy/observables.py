@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from .._validation import check_choice, check_float, check_int
+from ..errors import ParameterError, ParameterTypeError
 
 __all__ = [
     "token_changes",
@@ -65,8 +66,8 @@ def token_changes(x0: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     if x_hat.dim() == x0.dim() + 1:
         x0 = x0.unsqueeze(1)  # (N, 1, *grid): broadcast over trajectories
     if x_hat.dim() != x0.dim() or x_hat.shape[0] != x0.shape[0] or x_hat.shape[2:] != x0.shape[2:]:
-        raise ValueError(f"x_hat must have shape (N, [n_traj,] *grid) matching x0 {tuple(x0.shape)}, "
-                         f"got {tuple(x_hat.shape)}")
+        raise ParameterError(f"x_hat must have shape (N, [n_traj,] *grid) matching x0 {tuple(x0.shape)}, "
+                             f"got {tuple(x_hat.shape)}")
     return (x_hat != x0).to(torch.float64)
 
 
@@ -87,8 +88,8 @@ def embedding_changes(e0: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
     if e_hat.dim() == e0.dim() + 1:
         e0 = e0.unsqueeze(1)  # (N, 1, *grid, D)
     if e_hat.dim() != e0.dim() or e_hat.shape[-1] != e0.shape[-1]:
-        raise ValueError(f"e_hat must have shape (N, [n_traj,] *grid, D) matching e0 {tuple(e0.shape)}, "
-                         f"got {tuple(e_hat.shape)}")
+        raise ParameterError(f"e_hat must have shape (N, [n_traj,] *grid, D) matching e0 {tuple(e0.shape)}, "
+                             f"got {tuple(e_hat.shape)}")
     diff = e_hat.to(torch.float64) - e0.to(torch.float64)
     return diff.norm(dim=-1) / math.sqrt(e0.shape[-1])
 
@@ -107,8 +108,8 @@ def level_reconstruction(tree0: Sequence[torch.Tensor], tree_hat: Sequence[torch
     (L+1,) float64: entry 0 is P(class kept), entry L the probability that a token is unchanged.
     """
     if len(tree0) != len(tree_hat) or len(tree0) == 0:
-        raise ValueError(f"tree0 and tree_hat must hold the same number (>= 1) of levels, "
-                         f"got {len(tree0)} and {len(tree_hat)}")
+        raise ParameterError(f"tree0 and tree_hat must hold the same number (>= 1) of levels, "
+                             f"got {len(tree0)} and {len(tree_hat)}")
     kept = [1.0 - token_changes(a, b).mean() for a, b in zip(tree0, tree_hat, strict=True)]
     return torch.stack(kept)
 
@@ -173,7 +174,7 @@ def susceptibility(C: torch.Tensor, grid: Sequence[int] | None = None, r_max: fl
     r_max = check_float("r_max", r_max, low=0.0)
     grid = (C.shape[0],) if grid is None else tuple(grid)
     if math.prod(grid) != C.shape[0]:
-        raise ValueError(f"grid must have prod(grid) == P = {C.shape[0]}, got grid={grid}")
+        raise ParameterError(f"grid must have prod(grid) == P = {C.shape[0]}, got grid={grid}")
     near = _squared_distances(grid) <= r_max * r_max + 1e-9
     return float(C[near].sum()) / diag
 
@@ -205,7 +206,7 @@ def correlation_by_distance(
     P = C.shape[0]
     grid = (P,) if grid is None else tuple(check_int("grid entry", g, low=1) for g in grid)
     if math.prod(grid) != P:
-        raise ValueError(f"grid must have prod(grid) == P = {P}, got grid={grid}")
+        raise ParameterError(f"grid must have prod(grid) == P = {P}, got grid={grid}")
     sq = _squared_distances(grid).reshape(-1)  # (P*P,)
     sums = torch.bincount(sq, weights=C.reshape(-1).to(torch.float64))
     counts = torch.bincount(sq)
@@ -239,8 +240,8 @@ def correlation_length(
     r = torch.as_tensor(r, dtype=torch.float64)
     C_r = torch.as_tensor(C_r, dtype=torch.float64)
     if r.dim() != 1 or r.shape != C_r.shape or r.numel() == 0:
-        raise ValueError(f"r and C_r must be 1-D of the same non-zero length, got {tuple(r.shape)} "
-                         f"and {tuple(C_r.shape)}")
+        raise ParameterError(f"r and C_r must be 1-D of the same non-zero length, got {tuple(r.shape)} "
+                             f"and {tuple(C_r.shape)}")
     if r_max is not None:
         r_max = check_float("r_max", r_max, low=0.0)
         keep = r <= r_max
@@ -280,8 +281,8 @@ def fit_power_law(
     if r_max is not None:
         keep &= r <= check_float("r_max", r_max, low=r_min)
     if int(keep.sum()) < 2:
-        raise ValueError(f"fit_power_law needs >= 2 points with r in [{r_min}, {r_max}] and C(r) > 0, "
-                         f"got {int(keep.sum())}")
+        raise ParameterError(f"fit_power_law needs >= 2 points with r in [{r_min}, {r_max}] and C(r) > 0, "
+                             f"got {int(keep.sum())}")
     x, y = r[keep].log(), C_r[keep].log()
     xm, ym = x.mean(), y.mean()
     slope = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
@@ -304,8 +305,8 @@ def crossing_point(levels: Sequence[float], values: Sequence[float], target: flo
     x = torch.as_tensor(levels, dtype=torch.float64)
     y = torch.as_tensor(values, dtype=torch.float64)
     if x.dim() != 1 or x.shape != y.shape:
-        raise ValueError(f"levels and values must be 1-D of the same length, got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ParameterError(f"levels and values must be 1-D of the same length, got {tuple(x.shape)} "
+                             f"and {tuple(y.shape)}")
     keep = ~torch.isnan(y)
     x, y = x[keep], y[keep] - float(target)
     for k in range(x.numel() - 1):
@@ -326,8 +327,10 @@ def peak_location(levels: Sequence[float], values: Sequence[float]) -> float:
     x = torch.as_tensor(levels, dtype=torch.float64)
     y = torch.as_tensor(values, dtype=torch.float64)
     if x.dim() != 1 or x.shape != y.shape or x.numel() == 0:
-        raise ValueError(f"levels and values must be 1-D of the same non-zero length, got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ParameterError(
+            f"levels and values must be 1-D of the same non-zero length, got {tuple(x.shape)} "
+            f"and {tuple(y.shape)}"
+        )
     y = torch.nan_to_num(y, nan=-math.inf)
     k = int(torch.argmax(y))
     if k == 0 or k == x.numel() - 1:
@@ -374,7 +377,7 @@ class ChangeStatistics:
         """Add a block ``changes`` of shape (n_x0, n_traj, *grid), ``n_traj >= 2``."""
         changes = _check_changes(changes)
         if tuple(changes.shape[2:]) != self.grid:
-            raise ValueError(f"changes must have grid shape {self.grid}, got {tuple(changes.shape[2:])}")
+            raise ParameterError(f"changes must have grid shape {self.grid}, got {tuple(changes.shape[2:])}")
         n_x0, n_traj = changes.shape[:2]
         flat = changes.reshape(n_x0, n_traj, -1).to(torch.float64)  # (n_x0, n_traj, P)
         self._sum_mean += flat.mean(dim=1).sum(dim=0)
@@ -384,7 +387,7 @@ class ChangeStatistics:
 
     def _need_data(self) -> None:
         if self.n_x0 == 0:
-            raise ValueError("ChangeStatistics has no data yet: call update() first")
+            raise ParameterError("ChangeStatistics has no data yet: call update() first")
 
     @property
     def change_probability(self) -> float:
@@ -439,24 +442,24 @@ class ChangeStatistics:
 # --------------------------------------------------------------------------------------------- checks
 def _check_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise ParameterTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     return x
 
 
 def _check_changes(changes: object) -> torch.Tensor:
     changes = _check_tensor("changes", changes)
     if changes.dim() < 3:
-        raise ValueError(f"changes must have shape (n_x0, n_traj, *grid), got {tuple(changes.shape)}")
+        raise ParameterError(f"changes must have shape (n_x0, n_traj, *grid), got {tuple(changes.shape)}")
     if changes.shape[1] < 2:
-        raise ValueError(f"changes need n_traj >= 2 trajectories per x0 for correlations, "
-                         f"got {changes.shape[1]}")
+        raise ParameterError(f"changes need n_traj >= 2 trajectories per x0 for correlations, "
+                             f"got {changes.shape[1]}")
     if changes.shape[0] < 1:
-        raise ValueError("changes must hold at least one x0 (n_x0 >= 1), got 0")
+        raise ParameterError("changes must hold at least one x0 (n_x0 >= 1), got 0")
     return changes
 
 
 def _check_square(C: object) -> torch.Tensor:
     C = _check_tensor("C", C)
     if C.dim() != 2 or C.shape[0] != C.shape[1]:
-        raise ValueError(f"C must be a square (P, P) matrix, got shape {tuple(C.shape)}")
+        raise ParameterError(f"C must be a square (P, P) matrix, got shape {tuple(C.shape)}")
     return C.to(torch.float64)

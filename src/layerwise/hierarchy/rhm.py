@@ -17,12 +17,15 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .._resources import check_memory
 from .._validation import check_int, make_generator
+from ..errors import ParameterError, ParameterTypeError, ResourceError
 
 __all__ = ["RHM", "RHMSample", "RHMDataset", "sample_rules", "one_hot", "ENCODINGS"]
 
@@ -30,6 +33,8 @@ ENCODINGS = ("tokens", "onehot", "whitened")
 
 # Above this many tuples we draw tuple ids by rejection instead of a full random permutation.
 _RANDPERM_LIMIT = 1 << 22
+# Inputs of 2**50 tokens (8 PB per datum) or more are refused when the model is built.
+_LOG2_MAX_TOKENS = 50
 # Indices below 2**62 are handled with int64 arithmetic; above, with exact Python-int arithmetic.
 _INT64_SAFE = 1 << 62
 
@@ -124,7 +129,7 @@ def one_hot(
     under uniform tokens.
     """
     if tokens.dtype != torch.long:
-        raise TypeError(f"tokens must be a long tensor, got {tokens.dtype}")
+        raise ParameterTypeError(f"tokens must be a long tensor, got {tokens.dtype}")
     x = torch.nn.functional.one_hot(tokens, v).to(dtype).transpose(1, 2)  # (N, v, d)
     if whiten:
         x = (x - 1.0 / v) / (1.0 - 1.0 / v) ** 0.5
@@ -142,8 +147,11 @@ class RHM:
     s : tuple (patch) size, >= 2.
     L : depth, >= 1; inputs have ``d = s**L`` tokens.
     seed : seed of the rules (an int or a ``torch.Generator``).
-    rules : optional explicit rule tables (as returned by :func:`sample_rules`); then ``seed`` is unused.
+    rules : optional explicit rule tables (as returned by :func:`sample_rules`, or the reference code's dict
+        ``{level: table}``); then ``seed`` is unused.
 
+    Notes
+    -----
     Requires ``m * n_c <= v**s`` and, when ``L >= 2``, ``m * v <= v**s`` (rules drawn without replacement).
 
     Example
@@ -164,45 +172,71 @@ class RHM:
         s: int,
         L: int,
         seed: int | torch.Generator | None = 0,
-        rules: Sequence[torch.Tensor] | None = None,
+        rules: Sequence[torch.Tensor] | Mapping[int, torch.Tensor] | None = None,
     ) -> None:
         self.v = check_int("v", v, low=1)
         self.n_c = check_int("n_c", n_c, low=1)
         self.m = check_int("m", m, low=1)
         self.s = check_int("s", s, low=2)
         self.L = check_int("L", L, low=1)
+        log2_d = self.L * math.log2(self.s)
+        if log2_d >= _LOG2_MAX_TOKENS:  # not even one datum could be held (nor its shape represented)
+            raise ResourceError(
+                f"every datum of {self!r} would have s**L = {self.s}**{self.L} (about 2^{log2_d:.0f}) "
+                f"tokens, far beyond any memory; s**L must be < 2^{_LOG2_MAX_TOKENS}: reduce L"
+            )
+        if self.s * math.log2(self.v) >= 64:  # v**s itself would be a huge integer: refuse before computing
+            raise ParameterError(f"v**s must be < 2**63, got v={self.v}, s={self.s}")
         n_tuples = self.v**self.s
         if self.m * self.n_c > n_tuples:
-            raise ValueError(
+            raise ParameterError(
                 f"m * n_c must be <= v**s = {n_tuples} (rules are drawn without replacement), "
                 f"got m={self.m}, n_c={self.n_c}"
             )
         if self.L >= 2 and self.m * self.v > n_tuples:
-            raise ValueError(
+            raise ParameterError(
                 f"m * v must be <= v**s = {n_tuples} (rules are drawn without replacement), "
                 f"got m={self.m}, v={self.v}"
             )
         if n_tuples >= 1 << 63:
-            raise ValueError(f"v**s must be < 2**63, got v={self.v}, s={self.s}")
+            raise ParameterError(f"v**s must be < 2**63, got v={self.v}, s={self.s}")
         if rules is None:
+            # Rule tables of every level (int64) plus the temporaries of drawing them without replacement.
+            k_max = self.m * max(self.n_c, self.v if self.L >= 2 else 0)
+            table_bytes = 8 * self.s * self.m * (self.n_c + (self.L - 1) * self.v)
+            draw_bytes = 8 * n_tuples if n_tuples <= _RANDPERM_LIMIT else 96 * k_max
+            check_memory(table_bytes + draw_bytes, f"the rule tables of {self!r}")
             self.rules = sample_rules(self.v, self.n_c, self.m, self.s, self.L, make_generator(seed))
         else:
             self.rules = self._check_rules(rules)
 
+    @classmethod
+    def from_reference(cls, v: int, n_c: int, m: int, s: int, L: int, seed: int = 42) -> RHM:
+        """The RHM whose rules are, bit for bit, those of the authors' public generator
+        (fracagnetta/theory-language-modelling, ``sample_rules(v, n_c, m, s, L, seed)``); see
+        :mod:`layerwise.hierarchy.reference`. Their data index ``i`` is our :meth:`from_index` ``(i)``."""
+        from .reference import reference_rules
+
+        return cls(v, n_c, m, s, L, rules=reference_rules(v, n_c, m, s, L, seed))
+
     def _check_rules(self, rules: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if isinstance(rules, Mapping):  # the reference code's {level: (n_parents, m, s)} layout
+            from .reference import rules_from_levels
+
+            rules = rules_from_levels(rules, self.L)
         if len(rules) != self.L:
-            raise ValueError(f"rules must hold L={self.L} tables, got {len(rules)}")
+            raise ParameterError(f"rules must hold L={self.L} tables, got {len(rules)}")
         out = []
         for level, table in enumerate(rules):
             table = torch.as_tensor(table, dtype=torch.long)
             shape = (self.n_c if level == 0 else self.v, self.m, self.s)
             if tuple(table.shape) != shape:
-                raise ValueError(f"rules[{level}] must have shape {shape}, got {tuple(table.shape)}")
+                raise ParameterError(f"rules[{level}] must have shape {shape}, got {tuple(table.shape)}")
             if table.min() < 0 or table.max() >= self.v:
-                raise ValueError(f"rules[{level}] entries must be in [0, {self.v})")
+                raise ParameterError(f"rules[{level}] entries must be in [0, {self.v})")
             flat = table.reshape(-1, self.s)
             if torch.unique(flat, dim=0).shape[0] != flat.shape[0]:
-                raise ValueError(f"rules[{level}] repeat a tuple: the grammar would be ambiguous")
+                raise ParameterError(f"rules[{level}] repeat a tuple: the grammar would be ambiguous")
             out.append(table)
         return tuple(out)
 
@@ -222,6 +256,37 @@ class RHM:
         """Number of distinct data, ``n_c * m**n_internal``, as an exact Python int."""
         return self.n_c * self.m**self.n_internal
 
+    def _p_max_at_least(self, n: int) -> bool:
+        """``P_max >= n``, decided without computing ``P_max`` when it is astronomically large."""
+        if n <= self.n_c:
+            return True
+        if self.m == 1:
+            return False  # P_max = n_c
+        # m >= 2: P_max >= 2**n_internal, so n_internal > log2(n) settles it (s**L is not computed when
+        # the tree is too deep for that to matter).
+        if self.L * math.log2(self.s) > 64 or self.n_internal > n.bit_length():
+            return True
+        return self.P_max >= n
+
+    @property
+    def P_max_text(self) -> str:
+        """``P_max`` for messages: exact decimal when short, else ``n_c*m^n_internal (~10^x)``."""
+        if self.m == 1 or (self.L * math.log2(self.s) < 20 and self.n_internal * math.log2(self.m) < 200):
+            return str(self.P_max)
+        if self.L * math.log2(self.s) > 64:
+            return f"{self.n_c}*{self.m}^({self.s}^{self.L}-1)/({self.s}-1)"
+        digits = math.log10(self.n_c) + self.n_internal * math.log10(self.m)
+        return f"{self.n_c}*{self.m}^{self.n_internal} (~10^{digits:.1f})"
+
+    def _check_data_memory(self, n: int, what: str, copies: int = 2) -> None:
+        """Refuse (ResourceError) to generate ``n`` data that cannot fit in memory.
+
+        ``n`` data hold ``(N, n_internal + d)`` tree symbols and ``(N, n_internal)`` rule choices (int64);
+        ``copies`` counts the extra ``(N, n_internal)`` temporaries of the generator.
+        """
+        n_bytes = 8 * n * ((1 + copies) * self.n_internal + self.d + 2)
+        check_memory(n_bytes, f"{what} ({n} data of {self.d} tokens each)")
+
     def __repr__(self) -> str:
         return f"RHM(v={self.v}, n_c={self.n_c}, m={self.m}, s={self.s}, L={self.L})"
 
@@ -234,7 +299,7 @@ class RHM:
         labels = torch.as_tensor(labels, dtype=torch.long)
         n = labels.shape[0]
         if len(choices) != self.L:
-            raise ValueError(f"choices must hold L={self.L} tensors, got {len(choices)}")
+            raise ParameterError(f"choices must hold L={self.L} tensors, got {len(choices)}")
         tree = [labels.reshape(n, 1)]
         for level, table in enumerate(self.rules):
             parents = tree[-1]  # (N, s**l)
@@ -256,6 +321,7 @@ class RHM:
         """Draw ``n`` i.i.d. data: uniform class, uniform rule at every internal node."""
         n = check_int("n", n, low=0)
         gen = make_generator(seed)
+        self._check_data_memory(n, f"{self!r}.sample(n={n})", copies=1)
         labels = torch.randint(0, self.n_c, (n,), generator=gen)
         choices = [torch.randint(0, self.m, (n, self.s**level), generator=gen) for level in range(self.L)]
         return self.from_choices(labels, choices)
@@ -292,17 +358,21 @@ class RHM:
         """The data with enumeration indices ``indices`` (an int64 tensor, or Python ints of any size)."""
         if isinstance(indices, torch.Tensor):
             if indices.dtype != torch.long:
-                raise TypeError(f"indices tensor must be int64, got {indices.dtype}")
-            if indices.numel() and (indices.min() < 0 or indices.max() >= min(self.P_max, 1 << 63)):
-                raise ValueError(f"indices must be in [0, P_max={self.P_max})")
-            if self.P_max >= 1 << 63:
+                raise ParameterTypeError(f"indices tensor must be int64, got {indices.dtype}")
+            self._check_data_memory(indices.numel(), f"{self!r}.from_index")
+            if indices.numel() and (
+                indices.min() < 0 or not self._p_max_at_least(int(indices.max()) + 1)
+            ):
+                raise ParameterError(f"indices must be in [0, P_max={self.P_max_text})")
+            if self._p_max_at_least(1 << 63):
                 return self.from_index([int(i) for i in indices.tolist()])
             labels, digits = self._digits_from_int64(indices.reshape(-1))
         else:
             idx = [int(i) for i in indices]
-            if any(i < 0 or i >= self.P_max for i in idx):
-                raise ValueError(f"indices must be in [0, P_max={self.P_max})")
-            if self.P_max <= _INT64_SAFE:
+            self._check_data_memory(len(idx), f"{self!r}.from_index")
+            if idx and (min(idx) < 0 or not self._p_max_at_least(max(idx) + 1)):
+                raise ParameterError(f"indices must be in [0, P_max={self.P_max_text})")
+            if not self._p_max_at_least(_INT64_SAFE + 1):
                 labels, digits = self._digits_from_int64(torch.tensor(idx, dtype=torch.long).reshape(-1))
             else:
                 labels, digits = self._digits_from_ints(idx)
@@ -311,7 +381,7 @@ class RHM:
     def index_of(self, sample: RHMSample) -> list[int]:
         """Enumeration indices (exact Python ints) of the data in ``sample``; inverts :meth:`from_index`."""
         digits = torch.cat(list(sample.choices), dim=1)  # (N, n_internal)
-        if self.P_max <= _INT64_SAFE:
+        if not self._p_max_at_least(_INT64_SAFE + 1):
             idx = sample.labels.clone()
             for k in range(self.n_internal):
                 idx = idx * self.m + digits[:, k]
@@ -330,9 +400,12 @@ class RHM:
         Small ``P_max``: a random permutation of the indices. Large: uniform draws with duplicates removed
         and topped up; the result is in random order.
         """
-        n = check_int("n", n, low=0, high=self.P_max)
+        n = check_int("n", n, low=0)
+        self._check_data_memory(n, f"{self!r}.sample_distinct(n={n})", copies=3)
+        if not self._p_max_at_least(n):
+            raise ParameterError(f"n must be in [0, P_max={self.P_max}], got {n}")
         gen = make_generator(seed)
-        if self.P_max <= _RANDPERM_LIMIT:
+        if not self._p_max_at_least(_RANDPERM_LIMIT + 1):
             return self.from_index(torch.randperm(self.P_max, generator=gen)[:n])
         labels = torch.empty(0, dtype=torch.long)
         digits = torch.empty(0, self.n_internal, dtype=torch.long)
@@ -354,15 +427,17 @@ class RHM:
         """Disjoint train and test sets of distinct data."""
         n_train = check_int("n_train", n_train, low=0)
         n_test = check_int("n_test", n_test, low=0)
-        if n_train + n_test > self.P_max:
-            raise ValueError(f"n_train + n_test must be <= P_max={self.P_max}, got {n_train + n_test}")
+        if not self._p_max_at_least(n_train + n_test):
+            raise ParameterError(f"n_train + n_test must be <= P_max={self.P_max}, got {n_train + n_test}")
         both = self.sample_distinct(n_train + n_test, seed=seed)
         return both[:n_train], both[n_train:]
 
     def enumerate(self, max_count: int = 5_000_000) -> RHMSample:
         """All ``P_max`` data in index order; refuses when ``P_max > max_count``."""
-        if self.P_max > max_count:
-            raise ValueError(f"P_max={self.P_max} exceeds max_count={max_count}; use sample_distinct")
+        if self._p_max_at_least(max_count + 1):
+            raise ParameterError(
+                f"P_max={self.P_max_text} exceeds max_count={max_count}; use sample_distinct"
+            )
         return self.from_index(torch.arange(self.P_max))
 
     # ------------------------------------------------------------------ synonymic exchanges
@@ -374,6 +449,7 @@ class RHM:
         level = check_int("level", level, low=0, high=self.L - 1)
         gen = make_generator(seed)
         n = len(sample)
+        self._check_data_memory(n, f"{self!r}.resample_level")
         choices = list(sample.choices[:level])
         choices += [torch.randint(0, self.m, (n, self.s**k), generator=gen) for k in range(level, self.L)]
         return self.from_choices(sample.labels, choices)
@@ -396,7 +472,7 @@ class RHMDataset(torch.utils.data.Dataset):
 
     def __init__(self, sample: RHMSample, v: int, encoding: str = "onehot") -> None:
         if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+            raise ParameterError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
         self.sample = sample
         self.encoding = encoding
         tokens = sample.tokens

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_int
+from ..errors import ParameterError
 from .rhm import RHM, RHMSample
 
 __all__ = [
@@ -96,7 +97,7 @@ def relative_fluctuation(freq: torch.Tensor) -> float:
     frequency (features never seen carry no weight).
     """
     if freq.ndim != 2:
-        raise ValueError(f"freq must be 2-D (n_c, K), got shape {tuple(freq.shape)}")
+        raise ParameterError(f"freq must be 2-D (n_c, K), got shape {tuple(freq.shape)}")
     mean = freq.mean(0)  # (K,)
     seen = mean > 0
     ratio = freq[:, seen] / mean[seen]  # (n_c, K_seen)

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
 
 from .._validation import check_float, check_int
+from ..errors import ParameterError
 
 __all__ = [
     "MeanField",
@@ -57,7 +59,7 @@ def _check(v: int, m: int, s: int) -> tuple[int, int, int]:
     m = check_int("m", m, low=1)
     s = check_int("s", s, low=2)
     if m * v > v**s:
-        raise ValueError(f"m * v must be <= v**s = {v**s} (rules without replacement), got m={m}, v={v}")
+        raise ParameterError(f"m * v must be <= v**s = {v**s} (rules without replacement), got m={m}, v={v}")
     return v, m, s
 
 
@@ -105,11 +107,22 @@ def fixed_points(v: int, m: int, s: int) -> list[float]:
     return [*points, 1.0]
 
 
+def _exact_slope(p: Fraction, v: int, m: int, s: int) -> Fraction:
+    """``F'(p)`` in exact rational arithmetic (same formula as :func:`mean_field_slope`)."""
+    c, f = Fraction(m - 1, v**s - 1), Fraction(m * v - 1, v**s - 1)
+    q = p**s
+    num, den = q + c * (1 - q), q + f * (1 - q)
+    return s * p ** (s - 1) * ((1 - c) * den - (1 - f) * num) / den**2
+
+
 def has_transition(v: int, m: int, s: int) -> bool:
     """True iff both trivial fixed points are stable (``F'(1) < 1`` and ``F'(1/v) < 1``), so an unstable
-    fixed point ``p*`` separates reconstruction from its loss."""
+    fixed point ``p*`` separates reconstruction from its loss.
+
+    Decided in exact rational arithmetic: at degenerate parameters where ``F'(1) = 1`` exactly (e.g.
+    ``v=13, m=61, s=3``: ``s m (v-1) = v**s - 1``) floats could land on either side of 1."""
     v, m, s = _check(v, m, s)
-    return bool(mean_field_slope(1.0, v, m, s) < 1 and mean_field_slope(1 / v, v, m, s) < 1)
+    return _exact_slope(Fraction(1), v, m, s) < 1 and _exact_slope(Fraction(1, v), v, m, s) < 1
 
 
 def critical_point(v: int, m: int, s: int) -> float:
@@ -120,7 +133,7 @@ def critical_point(v: int, m: int, s: int) -> float:
     v, m, s = _check(v, m, s)
     if not has_transition(v, m, s):
         at_one, at_uniform = mean_field_slope(1.0, v, m, s), mean_field_slope(1 / v, v, m, s)
-        raise ValueError(
+        raise ParameterError(
             f"no phase transition for v={v}, m={m}, s={s}: needs F'(1) = {at_one:.4g} < 1 "
             f"and F'(1/v) = {at_uniform:.4g} < 1"
         )
@@ -129,7 +142,7 @@ def critical_point(v: int, m: int, s: int) -> float:
     inner = [p for p in fixed_points(v, m, s) if 1 / v + _ROOT_TOL < p < 1 - _ROOT_TOL]
     unstable = [p for p in inner if mean_field_slope(p, v, m, s) > 1]
     if len(unstable) != 1:  # not expected for this map; say so rather than guess
-        raise ValueError(
+        raise ParameterError(
             f"expected one unstable fixed point in (1/v, 1), found {unstable} (v={v}, m={m}, s={s})"
         )
     return unstable[0]
@@ -209,7 +222,9 @@ def level_curves(eps: float | torch.Tensor, v: int, m: int, s: int, L: int) -> t
     if eps_t.numel() == 1 and eps_t.dim() == 0:
         check_float("eps", float(eps_t), low=0.0, high=1.0)
     elif eps_t.numel() and not bool(((eps_t >= 0) & (eps_t <= 1)).all()):
-        raise ValueError(f"eps must be in [0, 1], got values in [{float(eps_t.min())}, {float(eps_t.max())}]")
+        raise ParameterError(
+            f"eps must be in [0, 1], got values in [{float(eps_t.min())}, {float(eps_t.max())}]"
+        )
     levels = [1 - eps_t + eps_t / v]  # p_L
     for _ in range(L):
         levels.append(mean_field_map(levels[-1], v, m, s))

@@ -1,14 +1,16 @@
 """Merge methods (a registry of plain per-chunk functions) and the streaming driver that applies them.
 
 >>> from layerwise.editing.merge import MERGE_METHODS
->>> sorted(MERGE_METHODS.names())
-['average', 'consensus', 'dare', 'magnitude_prune', 'tall_masks', 'task_arithmetic', 'ties']
+>>> sorted(MERGE_METHODS.names())  # doctest: +NORMALIZE_WHITESPACE
+['average', 'breadcrumbs', 'consensus', 'dare', 'della', 'magnitude_prune', 'model_stock', 'slerp',
+ 'tall_masks', 'task_arithmetic', 'ties']
 """
 
 from .registry import MERGE_METHODS, REQUIRED, MergeMethod, Param, register_merge_method
 
 # Importing a method module registers it.
 from . import average, consensus, dare, magnitude, task_arithmetic, ties  # noqa: E402,F401  isort: skip
+from . import breadcrumbs, della, model_stock, slerp  # noqa: E402,F401  isort: skip
 from .driver import (  # noqa: E402
     DTYPE_CHOICES,
     LinesSpec,

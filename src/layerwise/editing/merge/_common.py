@@ -6,7 +6,7 @@ import torch
 
 from .registry import Param
 
-__all__ = ["WEIGHT", "DENSITY", "TOPK", "disjoint_mean"]
+__all__ = ["WEIGHT", "DENSITY", "TOPK", "disjoint_mean", "keep_topk", "weighted_sum"]
 
 WEIGHT = Param("weight", 1.0, per_model=True, doc="coefficient of this model's task vector")
 DENSITY = Param(
@@ -47,3 +47,13 @@ def keep_topk(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Zero every entry of row ``t`` of ``deltas`` (T, n) whose magnitude is below ``thresholds[t]``."""
     keep = deltas.abs().float() >= thresholds[:, None].float()  # (T, n)
     return torch.where(keep, deltas, 0)
+
+
+def weighted_sum(kept: torch.Tensor, weight: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """``sum_t w_t kept_t`` (n,) for ``kept`` (T, n); with ``normalize`` divided by ``sum_t w_t`` (by 1 when
+    that is below 1e-8 in magnitude, as mergekit does)."""
+    total = weight @ kept
+    if not normalize:
+        return total
+    divisor = float(weight.sum())
+    return total / (divisor if abs(divisor) >= 1e-8 else 1.0)

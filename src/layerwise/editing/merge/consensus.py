@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import ParameterError
 from ._common import WEIGHT
 from .registry import Param, register_merge_method
 
@@ -48,6 +49,16 @@ def consensus(
     return torch.where(masks.sum(dim=0) >= k, mtl, 0)
 
 
+def _check_target(glob, per_model) -> None:
+    """``target`` must index one of the models (checked before any tensor is read)."""
+    target, n = glob["target"], len(per_model)
+    if target != int(target) or not 0 <= target < n:
+        raise ParameterError(
+            f"parameters.target must be a model index, an integer in [0, {n - 1}] for {n} model(s), "
+            f"got {target}"
+        )
+
+
 @register_merge_method(
     "tall_masks",
     params=[
@@ -57,12 +68,13 @@ def consensus(
     ],
     reference="https://arxiv.org/abs/2405.07813",
     description="TALL masks: one task's model rebuilt from the multi-task vector",
+    validate=_check_target,
 )
 def tall_masks(
     deltas: torch.Tensor, *, weight: torch.Tensor, mask_lambda: torch.Tensor, target: float
 ) -> torch.Tensor:
     t = int(target)
     if t != target or not 0 <= t < deltas.shape[0]:
-        raise ValueError(f"target must be a model index in [0, {deltas.shape[0] - 1}], got {target}")
+        raise ParameterError(f"target must be a model index in [0, {deltas.shape[0] - 1}], got {target}")
     masks, mtl = tall_mask(deltas, weight, mask_lambda)
     return torch.where(masks[t], mtl, 0)

@@ -9,6 +9,13 @@ streaming driver prepares for them:
   task vector, per tensor or over the whole model, chosen by the ``density`` and ``topk`` parameters).
 - ``"uniform"``: ``(T, n)`` uniform draws in [0, 1), seeded by (seed, tensor name, model, position) so that
   results do not depend on how tensors are chunked.
+- ``"gram"``: ``(T + 1, T + 1)`` float64 Gram matrix of ``[base, delta_1, ..., delta_T]`` over the whole
+  tensor (norms and angles for SLERP, Model Stock).
+- ``"base"``: ``(n,)`` the base model's chunk.
+
+A method may also declare ``ranks(values, n) -> [k_1, ..., k_K]`` (the thresholds of one model at several
+ranks, ``thresholds`` then ``(T, K)``; default ``[topk_count(density, n)]``, ``thresholds`` ``(T,)``) and
+``rows=True`` (every chunk holds whole rows of the tensor's last dimension; ``row_length`` is passed).
 
 Because every method is element-wise given these inputs, the driver can stream arbitrarily large tensors in
 chunks, and a method written here works unchanged on a 2 GB embedding.
@@ -29,17 +36,25 @@ tensor([2.])
 
 from __future__ import annotations
 
+import math
 import numbers
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..._registry import Registry
+from ...errors import ParameterError, ParameterTypeError
 
 __all__ = ["Param", "MergeMethod", "MERGE_METHODS", "register_merge_method", "REQUIRED"]
 
 REQUIRED = object()  # default of a parameter the user must give
-_INPUTS = ("thresholds", "uniform")
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 2
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_r = _REPR.repr  # bounded repr of user values in error messages
+_INPUTS = ("thresholds", "uniform", "gram", "base")
 
 
 @dataclass(frozen=True)
@@ -55,32 +70,42 @@ class Param:
     doc: str = ""
 
     def check(self, value: Any, where: str = "") -> Any:
-        """Return ``value`` validated (ints accepted for float parameters); raise naming the parameter."""
+        """Return ``value`` validated; raise :class:`~layerwise.errors.ParameterError` naming the parameter.
+
+        Numbers must be finite (ints are accepted for float parameters, booleans are not); choices match
+        strictly (``0`` is not ``False``, ``1.0`` is not ``True``).
+        """
         label = f"{where}{self.name}"
         if self.choices is not None:
-            if value not in self.choices:
-                raise ValueError(f"{label} must be one of {list(self.choices)}, got {value!r}")
+            if not any(type(value) is type(c) and value == c for c in self.choices):
+                raise ParameterError(f"{label} must be one of {list(self.choices)}, got {_r(value)}")
             return value
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{label} must be a number, got {type(value).__name__} {value!r}")
-        value = float(value)
+            raise ParameterTypeError(f"{label} must be a number, got {type(value).__name__} {_r(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
         if (
-            value != value
+            not math.isfinite(value)
             or (self.low is not None and value < self.low)
             or (self.high is not None and value > self.high)
         ):
-            lo = "-inf" if self.low is None else self.low
-            hi = "inf" if self.high is None else self.high
-            raise ValueError(f"{label} must be in [{lo}, {hi}], got {value}")
+            raise ParameterError(f"{label} must be {self._range()}, got {value}")
         return value
 
+    def _range(self) -> str:
+        if self.low is None and self.high is None:
+            return "a finite number"
+        if self.high is None:
+            return f"a finite number >= {self.low}"
+        if self.low is None:
+            return f"a finite number <= {self.high}"
+        return f"in [{self.low}, {self.high}]"
+
     def describe(self) -> str:
-        rng = (
-            f"one of {list(self.choices)}"
-            if self.choices is not None
-            else f"in [{'-inf' if self.low is None else self.low}, "
-            f"{'inf' if self.high is None else self.high}]"
-        )
+        """One line for ``layerwise merge --list-methods``: name, scope, range or choices, default, doc."""
+        rng = f"one of {list(self.choices)}" if self.choices is not None else self._range()
         default = "required" if self.default is REQUIRED else f"default {self.default!r}"
         scope = "per model" if self.per_model else "global"
         return f"{self.name} ({scope}, {rng}, {default}): {self.doc}"
@@ -97,6 +122,9 @@ class MergeMethod:
     reference: str = ""
     description: str = ""
     needs_base: bool = True
+    validate: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], None] | None = None
+    ranks: Callable[[Mapping[str, Any], int], Sequence[int]] | None = None
+    rows: bool = False
     param_index: Mapping[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -108,28 +136,36 @@ class MergeMethod:
         """Fill defaults and validate: ``(global values, [per-model values])``.
 
         A per-model parameter may be set globally (applies to every model) and overridden per model.
+        Checks that involve several parameters or the number of models (the method's ``validate``) run
+        here too, so ``layerwise merge --dry-run`` catches everything the merge itself would refuse.
         """
+        if params is not None and not isinstance(params, Mapping):
+            raise ParameterTypeError(f"parameters must be a mapping, got {type(params).__name__}")
         params = dict(params or {})
-        unknown = sorted(set(params) - set(self.param_index))
+        unknown = sorted(set(params) - set(self.param_index), key=repr)
         if unknown:
-            raise ValueError(
-                f"unknown parameter(s) {unknown} for merge method {self.name!r}; "
+            raise ParameterError(
+                f"unknown parameter(s) {_r(unknown)} for merge method {self.name!r}; "
                 f"valid: {sorted(self.param_index)}"
             )
         glob: dict[str, Any] = {}
         for p in self.params:
             value = params.get(p.name, p.default)
             if value is REQUIRED and not p.per_model:
-                raise ValueError(f"merge method {self.name!r} needs parameter {p.name!r}: {p.doc}")
+                raise ParameterError(f"merge method {self.name!r} needs parameter {p.name!r}: {p.doc}")
             glob[p.name] = value if value is REQUIRED else p.check(value, "parameters.")
         per_model: list[dict[str, Any]] = []
         for i, mp in enumerate(model_params):
+            if mp is not None and not isinstance(mp, Mapping):
+                raise ParameterTypeError(f"models[{i}].parameters must be a mapping, got {type(mp).__name__}")
             mp = dict(mp or {})
-            bad = sorted(k for k in mp if k not in self.param_index or not self.param_index[k].per_model)
+            bad = sorted(
+                (k for k in mp if k not in self.param_index or not self.param_index[k].per_model), key=repr
+            )
             if bad:
                 valid = sorted(p.name for p in self.params if p.per_model)
-                raise ValueError(
-                    f"models[{i}].parameters: unknown or not per-model {bad} for merge method "
+                raise ParameterError(
+                    f"models[{i}].parameters: unknown or not per-model {_r(bad)} for merge method "
                     f"{self.name!r}; per-model parameters: {valid}"
                 )
             values = {}
@@ -137,12 +173,15 @@ class MergeMethod:
                 if p.per_model:
                     value = mp.get(p.name, glob[p.name])
                     if value is REQUIRED:
-                        raise ValueError(
+                        raise ParameterError(
                             f"models[{i}].parameters.{p.name} is required by {self.name!r}: {p.doc}"
                         )
                     values[p.name] = p.check(value, f"models[{i}].parameters.")
             per_model.append(values)
-        return {k: v for k, v in glob.items() if not self.param_index[k].per_model}, per_model
+        glob = {k: v for k, v in glob.items() if not self.param_index[k].per_model}
+        if self.validate is not None:
+            self.validate(glob, per_model)
+        return glob, per_model
 
 
 MERGE_METHODS: Registry[MergeMethod] = Registry("merge method")
@@ -156,15 +195,26 @@ def register_merge_method(
     reference: str = "",
     description: str = "",
     needs_base: bool = True,
+    validate: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], None] | None = None,
+    ranks: Callable[[Mapping[str, Any], int], Sequence[int]] | None = None,
+    rows: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn(deltas, **params) -> merged`` as merge method ``name``.
 
     Parameters
     ----------
     params : Param declarations (their names are the function's keyword arguments).
-    inputs : subset of ``("thresholds", "uniform")`` the driver must prepare (also keyword arguments).
+    inputs : subset of ``("thresholds", "uniform", "gram", "base")`` the driver must prepare (also keyword
+        arguments).
     reference : URL of the paper or code the method implements.
     needs_base : False if the method is meaningful without a base model (e.g. averaging).
+    validate : optional ``validate(global_values, per_model_values)`` raising
+        :class:`~layerwise.errors.ParameterError` for combinations the single ranges cannot express (an
+        index into the models, weights that must not sum to 0); run by :meth:`MergeMethod.resolve`, hence
+        by ``--dry-run``.
+    ranks : optional ``ranks(one model's per-model values, numel) -> [k_1, ..., k_K]``: the magnitude ranks
+        whose thresholds the method receives (``thresholds`` of shape ``(T, K)``).
+    rows : the method needs whole rows (last dimension) in each chunk; it receives ``row_length``.
     """
     bad = sorted(set(inputs) - set(_INPUTS))
     if bad:
@@ -187,6 +237,9 @@ def register_merge_method(
                 reference=reference,
                 description=description,
                 needs_base=needs_base,
+                validate=validate,
+                ranks=ranks,
+                rows=rows,
             ),
         )
         return fn

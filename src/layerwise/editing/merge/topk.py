@@ -54,6 +54,7 @@ class TwoPassThreshold:
         self.pass_ = 1
 
     def update(self, x: torch.Tensor) -> None:
+        """Count one chunk ``x`` (T, n_c) into the current pass's histograms."""
         for t in range(x.shape[0]):  # row by row: temporaries of one row only
             bits = _bits(x[t])  # (n_c,)
             if self.pass_ == 1:
@@ -63,6 +64,7 @@ class TwoPassThreshold:
                 self.low_hist[t] += torch.bincount(low, minlength=_LO)
 
     def next_pass(self) -> None:
+        """End pass 1: locate each row's target bin and rank; start pass 2 (same chunks again)."""
         # count of elements in bins >= b, for each b: reverse cumulative sum
         at_or_above = self.hist.flip(1).cumsum(1).flip(1)  # (T, HI)
         self.total = at_or_above[:, 0].clone()
@@ -77,6 +79,7 @@ class TwoPassThreshold:
         self.pass_ = 2
 
     def result(self) -> torch.Tensor:
+        """After pass 2: the k_t-th largest magnitude of each row (float32, (T,))."""
         at_or_above = self.low_hist.flip(1).cumsum(1).flip(1)  # (T, LO)
         low = (at_or_above >= self.rank[:, None]).sum(1) - 1  # (T,)
         bits = (self.bins.clamp(min=0) << 16) | low.clamp(min=0)

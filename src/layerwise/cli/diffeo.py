@@ -1,0 +1,118 @@
+"""``layerwise diffeo``: draw maximum-entropy diffeomorphisms of an image; measure R_f of your own model.
+
+``layerwise diffeo stability --model MODULE:FACTORY`` imports MODULE and calls FACTORY() to build the model:
+this runs your own Python code (as ``python -c "import MODULE"`` would), so point it only at code you trust.
+Weights are read without unpickling arbitrary objects (safetensors, or ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diffeo", help="max-entropy diffeomorphisms: sample grids, measure R_f of a model",
+                       allow_abbrev=False)
+    dsub = p.add_subparsers(dest="diffeo_command", metavar="ACTION", title="actions")
+
+    s = dsub.add_parser(
+        "sample", allow_abbrev=False,
+        help="picture of an image under diffeos of increasing temperature, next to noise of the same norm",
+        description="Deform IMAGE with max-entropy diffeomorphisms at T log-spaced from T_min to T_max "
+        "(Petrini et al. 2021, Fig. 1) and draw each next to the image plus Gaussian noise of the same norm.",
+    )
+    s.add_argument("image", metavar="IMAGE",
+                   help="image file (PNG, JPEG, ...; needs Pillow: layerwise[data])")
+    s.add_argument("--c", type=int, default=5, help="high-frequency cutoff (default 5)")
+    s.add_argument("--T-steps", type=int, default=5, help="number of temperatures (default 5)")
+    s.add_argument("--size", type=int, default=None,
+                   help="resize the image to SIZE x SIZE first (default: keep its size; T_min/T_max use the "
+                   "smaller side)")
+    s.add_argument("--mode", choices=("bilinear", "nearest"), default="bilinear", help="interpolation")
+    s.add_argument("--seed", type=int, default=0, help="seed of the fields and the noise")
+    s.add_argument("--out", required=True, help="output PNG")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    s.set_defaults(func=_sample)
+
+    st = dsub.add_parser(
+        "stability", allow_abbrev=False,
+        help="D_f, G_f and R_f of your model on your images",
+        description="Measure the stability of a model to diffeomorphisms (D_f), to noise of the same norm "
+        "(G_f) and their ratio R_f, at the output and at any named module. MODULE:FACTORY is imported and "
+        "called: it runs your own code, so use only code you trust. MODULE is a dotted module name or a "
+        "path to a .py file.",
+    )
+    st.add_argument("--model", required=True, metavar="MODULE:FACTORY",
+                    help="e.g. mypkg.nets:resnet18 or path/to/nets.py:build (called with no arguments)")
+    st.add_argument("--weights", default=None, metavar="CKPT",
+                    help="state dict: .safetensors, or a torch file read with weights_only=True")
+    st.add_argument("--images", required=True, metavar="DIR_OR_NPY",
+                    help="a .npy array (N, C, H, W) or (N, H, W), or a folder of PNG/JPEG images (scaled to "
+                    "[0, 1]; all of one size unless --size)")
+    st.add_argument("--out", required=True, metavar="DIR",
+                    help="output folder (stability.json, stability.csv); must be new or empty")
+    st.add_argument("--overwrite", action="store_true",
+                    help="replace an --out folder written by an earlier layerwise run")
+    st.add_argument("--layers", nargs="+", default=None,
+                    help="module names (model.named_modules()); '' or 'output' is the model output (default)")
+    st.add_argument("--c", type=int, default=3, help="cutoff (default 3)")
+    st.add_argument("--T", type=float, default=None,
+                    help="temperature (default: typical displacement of 1 pixel)")
+    st.add_argument("--n-repeats", type=int, default=1, help="diffeo/noise draws per image (default 1)")
+    st.add_argument("--estimator", choices=("mean", "median"), default="mean", help="average or median")
+    st.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    st.add_argument("--size", type=int, default=None, help="resize folder images to SIZE x SIZE")
+    st.add_argument("--grayscale", action="store_true", help="read folder images as one channel")
+    st.add_argument("--max-images", type=int, default=None, help="use the first N images only")
+    st.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    st.add_argument("--seed", type=int, default=0, help="seed of the diffeos and the noise")
+    st.set_defaults(func=_stability)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .._io import check_output_file, save_figure
+    from ..diffeo import log_temperatures, plot_sample_grid, sample_grid
+    from ..diffeo.io import read_image
+
+    out = check_output_file(args.out, overwrite=args.overwrite, inputs=[args.image])
+    image = read_image(args.image, size=args.size)
+    side = min(image.shape[-2:])
+    temps = log_temperatures(side, args.c, args.T_steps)
+    grid = sample_grid(image, args.c, temps, seed=args.seed, mode=args.mode)
+    fig = plot_sample_grid(image, grid, title=f"{Path(args.image).name}: c = {args.c}, T from T_min to T_max")
+    save_figure(fig, out)
+    shown = ", ".join(f"{t:.2e} ({d:.2g} px)" for t, d in zip(temps, grid["displacement_px"], strict=True))
+    print(f"wrote {args.out}: T (typical displacement at the centre) = {shown}")
+    return 0
+
+
+def _stability(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .._io import atomic_directory, check_output_dir, write_csv, write_json
+    from ..diffeo import relative_stability
+    from ..diffeo.io import load_model, read_images
+
+    inputs = [args.images] + ([args.weights] if args.weights else [])
+    out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
+    model = load_model(args.model, args.weights).to(args.device).eval()
+    images = read_images(args.images, size=args.size, grayscale=args.grayscale, max_images=args.max_images)
+    images = images.to(args.device)
+    layers = None if args.layers is None else ["" if name == "output" else name for name in args.layers]
+    results = relative_stability(model, images, layers=layers, c=args.c, T=args.T, n_repeats=args.n_repeats,
+                                 estimator=args.estimator, batch_size=args.batch_size,
+                                 seed=args.seed, progress=True)
+    rows = [{**r.to_dict(), "layer": r.layer or "output"} for r in results.values()]
+    settings = {k: getattr(args, k) for k in ("model", "weights", "images", "c", "T", "n_repeats",
+                                               "estimator", "batch_size", "size", "seed")}
+    settings["images_shape"] = list(images.shape)
+    with atomic_directory(out) as tmp:
+        write_json(tmp / "stability.json", {"settings": settings, "layers": rows})
+        write_csv(tmp / "stability.csv", rows)
+    for r in rows:
+        print(f"{r['layer']}: D_f = {r['D']:.4g}, G_f = {r['G']:.4g}, R_f = {r['R']:.4g}")
+    print(f"wrote {Path(args.out) / 'stability.json'} and stability.csv")
+    return 0

@@ -1,0 +1,79 @@
+"""DELLA-Merging (Deep, Bhardwaj, Majumder 2024, "DELLA-Merging: Reducing Interference in Model Merging
+through Magnitude-Based Sampling", https://arxiv.org/abs/2406.11617): MAGPRUNE, then merge.
+
+MAGPRUNE: within each row of a task-vector tensor (its last dimension; a 1-D tensor is one row) the ``m``
+entries are ranked by magnitude (``r = 0`` smallest ... ``m - 1`` largest) and entry ``i`` is *kept* with
+probability ``p_i = density - epsilon + 2 epsilon r_i / (m - 1)`` (so the mean keep probability is
+``density``; a row of one entry uses ``p = density``), and a kept entry is rescaled by ``1 / p_i`` so that
+its expectation is unchanged (``rescale: false`` skips it). The pruned vectors are merged by TIES' sign
+election and disjoint mean (``combine: ties``, mergekit's ``della``) or by a weighted sum (``combine: sum``,
+``della_linear``); the result is multiplied by ``lambda``. ``density >= 1`` keeps everything.
+
+Draws come from the driver (``inputs=("uniform",)``, seeded by seed, tensor, model and position) and the
+driver hands whole rows to the method (``rows=True``), so results do not depend on chunking.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...errors import ParameterError
+from ._common import WEIGHT, disjoint_mean, weighted_sum
+from .registry import Param, register_merge_method
+
+__all__ = ["della", "magprune_probabilities"]
+
+
+def magprune_probabilities(
+    deltas: torch.Tensor, density: torch.Tensor, epsilon: torch.Tensor, row_length: int
+) -> torch.Tensor:
+    """Keep probabilities (T, n) for ``deltas`` (T, n) made of whole rows of ``row_length`` entries."""
+    t, n = deltas.shape
+    rows = deltas.reshape(t, n // row_length, row_length).abs().float()
+    ranks = rows.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).to(torch.float64)
+    frac = ranks / (row_length - 1) if row_length > 1 else torch.full_like(ranks, 0.5)
+    d = density.double()[:, None, None]
+    e = epsilon.double()[:, None, None]
+    probs = (d - e + 2 * e * frac).clamp(0, 1)
+    return torch.where(d >= 1, 1.0, probs).reshape(t, n)
+
+
+def _check_probabilities(glob, per_model) -> None:
+    for i, mp in enumerate(per_model):
+        d, e = mp["density"], mp["epsilon"]
+        if d < 1 and not (d - e >= 0 and d + e <= 1):
+            raise ParameterError(
+                f"models[{i}].parameters: della needs density - epsilon >= 0 and density + epsilon <= 1 "
+                f"(keep probabilities in [0, 1]), got density {d}, epsilon {e}"
+            )
+
+
+@register_merge_method(
+    "della",
+    params=[
+        WEIGHT,
+        Param("density", 0.7, low=0.0, high=1.0, per_model=True, doc="mean keep probability"),
+        Param("epsilon", 0.15, low=0.0, high=1.0, per_model=True, doc="spread of the keep probabilities"),
+        Param("lambda", 1.0, doc="multiplies the merged task vector"),
+        Param("combine", "ties", choices=("ties", "sum"), doc="TIES sign election (della) or sum"),
+        Param("normalize", None, choices=(None, True, False), doc="divide by weights (default: ties)"),
+        Param("rescale", True, choices=(True, False), doc="divide kept entries by their keep probability"),
+    ],
+    inputs=("uniform",),
+    rows=True,
+    reference="https://arxiv.org/abs/2406.11617",
+    description="DELLA: magnitude-ranked drop probabilities with rescaling, then TIES (or sum)",
+    validate=_check_probabilities,
+)
+def della(deltas: torch.Tensor, **kw) -> torch.Tensor:
+    """``deltas`` (T, n) of whole rows, ``uniform`` (T, n), ``row_length`` -> merged task vector (n,)."""
+    probs = magprune_probabilities(deltas, kw["density"], kw["epsilon"], kw["row_length"])
+    keep = kw["uniform"].double() < probs
+    scaled = deltas / probs.to(deltas.dtype) if kw["rescale"] else deltas
+    kept = torch.where(keep, scaled, 0)
+    normalize = kw["normalize"] if kw["normalize"] is not None else kw["combine"] == "ties"
+    if kw["combine"] == "ties":
+        merged = disjoint_mean(kept, kw["weight"], normalize)
+    else:
+        merged = weighted_sum(kept, kw["weight"], normalize)
+    return kw["lambda"] * merged

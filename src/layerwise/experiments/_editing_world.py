@@ -1,0 +1,241 @@
+"""Shared set-up of the ``task-arithmetic`` and ``lines`` experiments: a small encoder pre-trained on a broad
+task, frozen prototype heads, and fine-tunes on downstream tasks (non-linear and linearized), cached per
+process so that running both experiments together pre-trains and fine-tunes once.
+
+Not public API: experiment logic only. The library pieces are in :mod:`layerwise.editing`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..editing.finetune import FinetuneConfig, finetune
+from ..editing.linearize import linearized_jvp
+from ..editing.toy_models import PrototypeHead, build_encoder, class_prototypes
+from ..editing.toy_tasks import ImageTask, make_tasks, pretrain_encoder
+
+CONTROL = "upright"
+MODES = ("nonlinear", "linearized")
+ENCODER_KW = {
+    "vit": {
+        "image_size": 16,
+        "patch_size": 4,
+        "dim": 32,
+        "depth": 4,
+        "heads": 2,
+        "mlp_ratio": 2,
+        "out_dim": 32,
+    },
+    "cnn": {"width": 8, "depth": 4, "out_dim": 32},
+}
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Everything that determines the pre-trained model, the heads and the fine-tunes of one seed."""
+
+    arch: str
+    tasks: tuple[str, ...]
+    seed: int
+    pretrain_seed: int = 0
+    n_train: int = 500
+    n_val: int = 150
+    n_test: int = 199
+    pretrain_steps: int = 400
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    ft_steps: int = 50
+    ft_batch: int = 32
+    ft_lr: float = 2e-3
+    ft_warmup: int = 5
+    ft_weight_decay: float = 0.1
+    head_scale: float = 10.0
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny models: one torch thread is as fast and far faster on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+_PRETRAINED: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _pretrain(spec: WorldSpec) -> nn.Module:
+    """The encoder pre-trained on upright digits with affine jitter (one model shared by all seeds of a
+    run, as one CLIP is shared by all fine-tunes in the papers); cached per process."""
+    key = (spec.arch, spec.pretrain_seed, spec.pretrain_steps, spec.pretrain_batch, spec.pretrain_lr)
+    torch.manual_seed(spec.pretrain_seed)
+    enc = build_encoder(spec.arch, **ENCODER_KW[spec.arch])
+    if key in _PRETRAINED:
+        enc.load_state_dict(_PRETRAINED[key])
+        return enc.eval()
+    pretrain_encoder(
+        enc,
+        spec.pretrain_steps,
+        batch_size=spec.pretrain_batch,
+        lr=spec.pretrain_lr,
+        seed=spec.pretrain_seed,
+        feature_dim=ENCODER_KW[spec.arch]["out_dim"],
+    )
+    _PRETRAINED[key] = {k: v.detach().clone() for k, v in enc.state_dict().items()}
+    return enc.eval()
+
+
+@dataclass
+class World:
+    """One seed: pre-trained encoder, tasks (downstream + control), heads, fine-tunes and their vectors."""
+
+    spec: WorldSpec
+    encoder: nn.Module
+    tasks: dict[str, ImageTask]
+    heads: dict[str, PrototypeHead]
+    theta0: dict[str, torch.Tensor]
+    taus: dict[tuple[str, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+    ft_seconds: dict[tuple[str, str], float] = field(default_factory=dict)
+    _jvp: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _f0: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    # -- fine-tunes ---------------------------------------------------------------------------------------
+    def tau(self, mode: str, task: str) -> dict[str, torch.Tensor]:
+        """The task vector of ``task`` fine-tuned in ``mode`` (computed once)."""
+        key = (mode, task)
+        if key not in self.taus:
+            s = self.spec
+            cfg = FinetuneConfig(
+                steps=s.ft_steps,
+                batch_size=s.ft_batch,
+                lr=s.ft_lr,
+                weight_decay=s.ft_weight_decay,
+                warmup_steps=s.ft_warmup,
+                linearized=mode == "linearized",
+                seed=s.seed,
+            )
+            start = time.process_time()  # CPU time: robust to other work on a shared machine
+            res = finetune(self.encoder, self.heads[task], self.tasks[task].train, cfg)
+            self.ft_seconds[key] = time.process_time() - start
+            self.taus[key] = {k: res.state[k] - self.theta0[k] for k, _ in self.encoder.named_parameters()}
+        return self.taus[key]
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def data(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self.tasks[task], split)
+
+    @torch.no_grad()
+    def features(self, deltas: Mapping[str, torch.Tensor] | None, task: str, split: str) -> torch.Tensor:
+        """Encoder features (N, D) at ``theta0 + deltas`` (the non-linear model)."""
+        x, _ = self.data(task, split)
+        if not deltas:
+            key = ("f0", task, split)
+            if key not in self._f0:
+                self._f0[key] = self.encoder(x)
+            return self._f0[key]
+        params = {k: v + deltas[k] if k in deltas else v for k, v in self.theta0.items()}
+        return functional_call(self.encoder, params, (x,))
+
+    @torch.no_grad()
+    def jvp(self, mode: str, vec: str, task: str, split: str) -> torch.Tensor:
+        """``J tau`` (N, D) of task vector ``(mode, vec)`` on ``task``'s split (cached)."""
+        key = (mode, vec, task, split)
+        if key not in self._jvp:
+            x, _ = self.data(task, split)
+            f0, jt = linearized_jvp(self.encoder, self.params0(), self.tau(mode, vec), (x,))
+            self._f0.setdefault(("f0", task, split), f0)
+            self._jvp[key] = jt
+        return self._jvp[key]
+
+    def params0(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.theta0.items() if k in dict(self.encoder.named_parameters())}
+
+    def accuracy_from_features(self, z: torch.Tensor, task: str, split: str) -> float:
+        _, y = self.data(task, split)
+        return float((self.heads[task](z).argmax(-1) == y).double().mean())
+
+    def acc_combo(
+        self, combo: Sequence[tuple[str, str, float]], task: str, split: str, linear: bool
+    ) -> float:
+        """Accuracy on ``task`` of ``theta0 + sum c * tau(mode, vec)`` for ``combo = [(mode, vec, c), ...]``:
+        the non-linear model (``linear=False``) or the linearized one (``f0 + sum c J tau``)."""
+        if linear:
+            z = self.features(None, task, split).clone()
+            for mode, vec, c in combo:
+                if c:
+                    z += c * self.jvp(mode, vec, task, split)
+        else:
+            deltas: dict[str, torch.Tensor] = {}
+            for mode, vec, c in combo:
+                for k, v in self.tau(mode, vec).items():
+                    deltas[k] = deltas.get(k, 0) + c * v
+            z = self.features(deltas if any(c for *_, c in combo) else None, task, split)
+        return self.accuracy_from_features(z, task, split)
+
+    def acc_deltas(self, deltas: Mapping[str, torch.Tensor] | None, task: str, split: str) -> float:
+        return self.accuracy_from_features(self.features(deltas, task, split), task, split)
+
+
+_CACHE: dict[WorldSpec, World] = {}
+
+
+def get_world(spec: WorldSpec) -> World:
+    """Build (or reuse) the world of ``spec``: pre-training, tasks and heads (fine-tunes come on demand)."""
+    if spec not in _CACHE:
+        if len(_CACHE) >= 12:
+            _CACHE.pop(next(iter(_CACHE)))
+        encoder = _pretrain(spec)
+        for p in encoder.parameters():
+            p.requires_grad_(True)
+        names = tuple(dict.fromkeys((*spec.tasks, CONTROL)))
+        tasks = make_tasks(names, seed=spec.seed, n_train=spec.n_train, n_val=spec.n_val, n_test=spec.n_test)
+        heads = {}
+        with torch.no_grad():
+            for name, task in tasks.items():
+                z = encoder(task.train[0])
+                protos = class_prototypes(z, task.train[1], task.num_classes)
+                heads[name] = PrototypeHead(protos, scale=spec.head_scale, center=z.mean(0))
+        theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        _CACHE[spec] = World(spec, encoder, tasks, heads, theta0)
+    return _CACHE[spec]
+
+
+def clone_state(world: World) -> dict[str, torch.Tensor]:
+    return copy.deepcopy(world.theta0)
+
+
+def mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def paired_verdict(better: Sequence[float], worse: Sequence[float]) -> tuple[str, float, float]:
+    """Verdict for "``better`` exceeds ``worse``" from paired per-seed values: ``(verdict, mean diff, sem)``.
+
+    Rule (fixed before any run): "reproduced" when the mean paired difference is positive and larger than
+    twice its standard error; "partly" when it is positive but within that noise; else "not reproduced".
+    """
+    diffs = [b - w for b, w in zip(better, worse, strict=True)]
+    n = len(diffs)
+    m = mean(diffs)
+    sd = (sum((d - m) ** 2 for d in diffs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    sem = sd / n**0.5
+    if m > 0 and m > 2 * sem:
+        return "reproduced", m, sem
+    return ("partly" if m > 0 else "not reproduced"), m, sem
+
+
+PAIRED_RULE = (
+    "paired over seeds: reproduced if the mean difference is > 0 and > 2 standard errors; partly if > 0 "
+    "within noise; else not reproduced"
+)

@@ -1,0 +1,269 @@
+"""Teacher-student learning curves, power-law exponent fits and Gram spectra.
+
+A learning curve draws, for each seed, ``max(P_list) + n_test`` inputs, a teacher field (a Gaussian
+random field with the teacher kernel as covariance) jointly on all of them, and fits the student kernel by
+ridge(less) regression on the first ``P`` points for every ``P`` of ``P_list`` (nested training sets),
+measuring the mean squared error on the ``n_test`` held-out points.
+
+Because training sets are nested, one Cholesky factor of the largest training Gram matrix serves every
+``P`` (the factor of a leading block is the leading block of the factor), and each kernel's Gram matrix is
+computed once per seed on all points and shared by every teacher/student pair that uses it.
+
+>>> import torch
+>>> from functools import partial
+>>> from layerwise.kernels import laplace, learning_curve, fit_exponent, hypercube
+>>> k = partial(laplace, sigma=1.0)
+>>> curve = learning_curve(k, k, [16, 32, 64], n_test=64, seeds=[0, 1], sampler=hypercube(2))
+>>> curve.mse.shape
+torch.Size([3, 2])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ParameterError, ParameterTypeError
+from ._checks import as_data, check_float, check_int
+from .regression import Kernel, cholesky_solve_factor
+
+__all__ = ["LearningCurve", "ExponentFit", "learning_curve", "fit_exponent", "kernel_spectrum"]
+
+Sampler = Callable[[int, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    """Test MSE of one teacher/student pair: ``mse[i, j]`` at ``P[i]`` training points and ``seeds[j]``."""
+
+    P: tuple[int, ...]
+    seeds: tuple[int, ...]
+    mse: torch.Tensor  # (len(P), len(seeds)) float64
+
+    def mean(self) -> torch.Tensor:
+        """Mean test MSE over seeds, (len(P),)."""
+        return self.mse.mean(1)
+
+    def fit(self, **kw: Any) -> ExponentFit:
+        """:func:`fit_exponent` of this curve."""
+        return fit_exponent(self.P, self.mse, **kw)
+
+
+@dataclass(frozen=True)
+class ExponentFit:
+    """``err ~ prefactor * P**(-beta)``, with a bootstrap confidence interval ``[low, high]`` for beta."""
+
+    beta: float
+    low: float
+    high: float
+    prefactor: float
+    n_boot: int
+    level: float
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` lies in the confidence interval ``[low, high]``."""
+        return self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.beta:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def _slope(logP: torch.Tensor, logE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares slope and intercept of logE (..., n) against logP (n,)."""
+    xc = logP - logP.mean()
+    slope = (xc * (logE - logE.mean(-1, keepdim=True))).sum(-1) / (xc * xc).sum()
+    return slope, logE.mean(-1) - slope * logP.mean()
+
+
+def fit_exponent(P: Sequence[int] | torch.Tensor, err: Any, *, n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> ExponentFit:
+    """Fit ``err ~ C P**(-beta)`` by least squares of ``log(mean error)`` against ``log P``.
+
+    Parameters
+    ----------
+    P : (n,) training-set sizes (> 0, at least 2 distinct).
+    err : (n,) errors, or (n, n_seeds) errors per seed (positive).
+    n_boot : bootstrap resamples. With several seeds, seeds are resampled with replacement and the fit
+        redone on the resampled mean curve; with one seed, the (P, err) points are resampled instead.
+    level : confidence level of the percentile interval (default 95%).
+    seed : seed of the bootstrap.
+
+    Returns
+    -------
+    ExponentFit with ``beta`` (from all data), the percentile interval ``[low, high]`` and ``prefactor``.
+    """
+    P = as_data("P", P, ndim=1, dtype=torch.float64).cpu()
+    err = torch.as_tensor(err, dtype=torch.float64).cpu()
+    if err.ndim == 1:
+        err = err[:, None]
+    if err.ndim != 2 or err.shape[0] != P.shape[0]:
+        raise ParameterError(f"err must have shape ({P.shape[0]},) or ({P.shape[0]}, n_seeds), got "
+                             f"{tuple(err.shape)}")
+    if not bool((P > 0).all()) or len(torch.unique(P)) < 2:
+        raise ParameterError(f"P must hold positive sizes with at least 2 distinct values, got {P.tolist()}")
+    if not bool(torch.isfinite(err).all()) or not bool((err > 0).all()):
+        raise ParameterError("err must be positive and finite (log-log fit)")
+    n_boot = check_int("n_boot", n_boot, low=10)
+    level = check_float("level", level, low=0.0, low_open=True)
+    if level >= 1:
+        raise ParameterError(f"level must be in (0, 1), got {level}")
+    logP = P.log()
+    slope, intercept = _slope(logP, err.mean(1).log())
+    gen = torch.Generator().manual_seed(check_int("seed", seed, low=0))
+    n_p, n_s = err.shape
+    if n_s > 1:
+        pick = torch.randint(n_s, (n_boot, n_s), generator=gen)  # (n_boot, n_seeds)
+        boot_curves = err[:, pick].mean(-1).T.log()  # (n_boot, n_P)
+        boot = _slope(logP, boot_curves)[0]
+    else:
+        pick = torch.randint(n_p, (n_boot, n_p), generator=gen)
+        x, y = logP[pick], err[:, 0].log()[pick]  # (n_boot, n_P)
+        xc = x - x.mean(1, keepdim=True)
+        den = (xc * xc).sum(1)
+        ok = den > 0
+        boot = ((xc * (y - y.mean(1, keepdim=True))).sum(1)[ok] / den[ok])
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(-boot, q).tolist()
+    return ExponentFit(beta=-float(slope), low=lo, high=hi, prefactor=math.exp(float(intercept)),
+                       n_boot=n_boot, level=level)
+
+
+def kernel_spectrum(kernel: Kernel, X: Any) -> torch.Tensor:
+    """Eigenvalues of the Gram matrix divided by the number of points, in decreasing order.
+
+    X : (P, ...) points; returns (P,) float64 (estimates of the kernel's Mercer eigenvalues under the data
+    distribution, accurate for the leading ones).
+    """
+    if not callable(kernel):
+        raise ParameterTypeError(f"kernel must be callable, got {kernel!r}")
+    X = torch.as_tensor(X)
+    K = kernel(X, None)
+    return torch.linalg.eigvalsh(K.to(torch.float64)).flip(0) / K.shape[0]
+
+
+def _named(name: str, value: Any) -> tuple[dict[str, Kernel], bool]:
+    if isinstance(value, Mapping):
+        if not value:
+            raise ParameterError(f"{name} must not be an empty mapping")
+        bad = [k for k, v in value.items() if not callable(v)]
+        if bad:
+            raise ParameterTypeError(f"{name}[{bad[0]!r}] must be a callable kernel")
+        return dict(value), True
+    if not callable(value):
+        raise ParameterTypeError(f"{name} must be a callable kernel(X, Y) or a mapping name -> kernel, got "
+                                 f"{value!r}")
+    return {name: value}, False
+
+
+def _cached_gram(cache: dict[int, torch.Tensor], X: torch.Tensor, k: Kernel) -> torch.Tensor:
+    if id(k) not in cache:
+        cache[id(k)] = k(X, None).to(torch.float64)
+    return cache[id(k)]
+
+
+def learning_curve(
+    teacher: Kernel | Mapping[str, Kernel],
+    student: Kernel | Mapping[str, Kernel],
+    P_list: Sequence[int],
+    n_test: int,
+    seeds: Sequence[int],
+    sampler: Sampler,
+    *,
+    ridge: float = 0.0,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> LearningCurve | dict[tuple[str, str], LearningCurve]:
+    """Test MSE of kernel regression of a teacher field by a student kernel, per training size and seed.
+
+    Parameters
+    ----------
+    teacher, student : kernel callables ``k(X, Y=None) -> Gram``, or mappings name -> kernel to run all
+        teacher x student pairs on the same inputs and teacher draws (Gram matrices of a kernel object used
+        several times are computed once per seed).
+    P_list : increasing training-set sizes (>= 1).
+    n_test : held-out test points (>= 1).
+    seeds : one run per seed (inputs, teacher field); same seed, same numbers.
+    sampler : ``sampler(n, generator) -> (n, ...)`` inputs, e.g. :func:`layerwise.kernels.hypercube`.
+    ridge : ``>= 0`` added to the training Gram diagonal (0: ridgeless).
+    device : where Gram matrices and solves run (default CPU); inputs and fields are drawn on CPU.
+    progress : show a tqdm progress bar over seeds and pairs.
+
+    Returns
+    -------
+    :class:`LearningCurve` for single kernels; for mappings, a dict ``(teacher, student) -> LearningCurve``.
+    """
+    teachers, t_map = _named("teacher", teacher)
+    students, s_map = _named("student", student)
+    if isinstance(P_list, (str, bytes)) or not isinstance(P_list, Sequence) or not P_list:
+        raise ParameterTypeError(f"P_list must be a non-empty sequence of ints, got {P_list!r}")
+    P = tuple(check_int(f"P_list[{i}]", p, low=1) for i, p in enumerate(P_list))
+    if any(b <= a for a, b in zip(P, P[1:], strict=False)):
+        raise ParameterError(f"P_list must be strictly increasing, got {list(P)}")
+    n_test = check_int("n_test", n_test, low=1)
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
+        raise ParameterTypeError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    seeds = tuple(check_int(f"seeds[{i}]", s, low=0) for i, s in enumerate(seeds))
+    ridge = check_float("ridge", ridge, low=0.0)
+    if not callable(sampler):
+        raise ParameterTypeError(f"sampler must be a callable sampler(n, generator), got {sampler!r}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    p_max = P[-1]
+    pairs = [(t, s) for t in teachers for s in students]
+    mse = {pair: torch.empty(len(P), len(seeds), dtype=torch.float64) for pair in pairs}
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(seeds) * len(pairs), desc="learning curve", leave=False)
+    for j, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        X = as_data("sampler output", sampler(p_max + n_test, gen), ndim=None, dtype=None)
+        if X.shape[0] != p_max + n_test:
+            raise ParameterError(f"sampler returned {X.shape[0]} points, asked for {p_max + n_test}")
+        X = X.to(device)
+        grams: dict[int, torch.Tensor] = {}
+        gram = functools.partial(_cached_gram, grams, X)
+        fields = {}
+        for name, k in teachers.items():
+            noise = torch.randn(p_max + n_test, 1, generator=gen, dtype=torch.float64).to(device)
+            L, _ = cholesky_solve_factor(gram(k))
+            if L is None:
+                evals, evecs = torch.linalg.eigh(gram(k))
+                fields[name] = evecs @ (evals.clamp_min(0).sqrt()[:, None] * (evecs.T @ noise))
+            else:
+                fields[name] = L @ noise  # (N, 1)
+        student_ids = {id(k) for k in students.values()}
+        for k in teachers.values():  # free teacher-only Gram matrices before the students' solves
+            if id(k) not in student_ids:
+                grams.pop(id(k), None)
+        for s_name, k in students.items():
+            K = gram(k)
+            train = K[:p_max, :p_max]
+            if ridge:
+                train = train + ridge * torch.eye(p_max, dtype=K.dtype, device=K.device)
+            L, _ = cholesky_solve_factor(train)
+            for t_name in teachers:
+                y = fields[t_name]
+                for i, p in enumerate(P):
+                    if L is not None:
+                        alpha = torch.cholesky_solve(y[:p], L[:p, :p])
+                    else:
+                        alpha = torch.linalg.lstsq(train[:p, :p].cpu(), y[:p].cpu(), driver="gelsd").solution
+                        alpha = alpha.to(device)
+                    pred = K[p_max:, :p] @ alpha
+                    mse[(t_name, s_name)][i, j] = float(((pred - y[p_max:]) ** 2).mean())
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(seed=seed, teacher=t_name, student=s_name)
+    if bar is not None:
+        bar.close()
+    curves = {pair: LearningCurve(P, seeds, m) for pair, m in mse.items()}
+    if not t_map and not s_map:
+        return curves[pairs[0]]
+    return curves

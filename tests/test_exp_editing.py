@@ -1,0 +1,116 @@
+"""The task-arithmetic and lines experiments end to end at a tiny scale: files, claims, tables, figures,
+and the properties of the shared set-up (validation-only selection, exact tangent-space arithmetic)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+from layerwise.experiments import EXPERIMENTS, run_experiment  # noqa: E402
+from layerwise.experiments._editing_world import WorldSpec, get_world, paired_verdict  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = {"seeds": (0, 1), "pretrain_steps": 20, "ft_steps": 4, "n_train": 60, "n_val": 40, "n_test": 40}
+
+
+def test_registered_with_scales_and_systems():
+    ta, li = EXPERIMENTS.get("task-arithmetic"), EXPERIMENTS.get("lines")
+    assert set(ta.scales) == set(li.scales) == {"quick", "full"}
+    assert set(ta.systems) == {"Task arithmetic", "Tangent-space fine-tuning"} and li.systems == ("LiNeS",)
+    assert len(ta.config("quick").seeds) >= 3 and len(ta.config("quick").tasks) >= 4
+    assert "cnn" in ta.config("full").archs and len(ta.config("full").tasks) == 8
+    # both experiments share the pre-trained model and the fine-tunes when run in one process
+    q1, q2 = ta.config("quick"), li.config("quick")
+    for field in (
+        "tasks",
+        "seeds",
+        "pretrain_steps",
+        "ft_steps",
+        "ft_batch",
+        "ft_lr",
+        "n_train",
+        "n_val",
+        "n_test",
+    ):
+        assert getattr(q1, field) == getattr(q2, field), field
+
+
+def test_task_arithmetic_tiny_run(tmp_path):
+    summary = run_experiment(
+        "task-arithmetic",
+        tmp_path,
+        tasks=("rot90", "stripes"),
+        xi_grid=(-1.0, 0.0, 1.0),
+        xi_samples=10,
+        **TINY,
+    )
+    folder = tmp_path / "task-arithmetic"
+    for f in (
+        "addition_negation_vit.png",
+        "disentanglement_vit.png",
+        "per_seed.csv",
+        "xi.json",
+        "claims.json",
+    ):
+        assert (folder / f).exists(), f
+    claims = json.loads((folder / "claims.json").read_text())["claims"]
+    assert {c["system"] for c in claims} == {"Task arithmetic", "Tangent-space fine-tuning"}
+    assert len(claims) == 6
+    assert 0 <= summary["nonlinear_add_norm"] and summary["ft_time_ratio"] > 1.0
+    xi = json.loads((folder / "xi.json").read_text())
+    assert len(xi) == 2 * 3  # seeds x modes, each a 3 x 3 grid with xi(0, 0) = 0
+    assert all(grid[1][1] == 0 for grid in xi.values())
+
+
+def test_lines_tiny_run(tmp_path):
+    summary = run_experiment(
+        "lines", tmp_path, tasks=("rot90", "stripes"), uniform_grid=(0.0, 0.5, 1.0), **TINY
+    )
+    folder = tmp_path / "lines"
+    for f in ("lines_tradeoff.png", "lines_multitask.png", "single_task_rows.csv", "claims.json"):
+        assert (folder / f).exists(), f
+    claims = json.loads((folder / "claims.json").read_text())["claims"]
+    assert len(claims) == 3 and {c["system"] for c in claims} == {"LiNeS"}
+    assert {"multi_task_arithmetic_gain", "multi_ties_gain", "multi_consensus_gain"} <= set(summary)
+
+
+def test_world_linear_combinations_are_exact_and_splits_disjoint():
+    w = get_world(
+        WorldSpec(
+            arch="vit",
+            tasks=("rot90", "stripes"),
+            seed=0,
+            pretrain_steps=5,
+            ft_steps=3,
+            n_train=80,
+            n_val=20,
+            n_test=20,
+        )
+    )
+    # f_lin(theta0 + a tau1 + b tau2) from cached jvps equals a direct LinearizedModel evaluation
+    from layerwise.editing.linearize import LinearizedModel
+    from layerwise.editing.task_vector import TaskVector
+
+    t1, t2 = w.tau("linearized", "rot90"), w.tau("linearized", "stripes")
+    combo = TaskVector.from_tensors({k: 0.7 * t1[k] - 0.4 * t2[k] for k in t1})
+    x, y = w.data("rot90", "val")
+    with torch.no_grad():
+        direct = (
+            (w.heads["rot90"](LinearizedModel.posthoc(w.encoder, combo)(x)).argmax(-1) == y).double().mean()
+        )
+    acc = w.acc_combo([("linearized", "rot90", 0.7), ("linearized", "stripes", -0.4)], "rot90", "val", True)
+    assert acc == pytest.approx(float(direct))
+    tr, va, te = (w.data("rot90", s)[0] for s in ("train", "val", "test"))
+    flat = lambda a: {tuple(r.flatten().tolist()) for r in a}  # noqa: E731
+    assert not flat(tr) & flat(te) and not flat(va) & flat(te)
+
+
+def test_paired_verdict_rule():
+    assert paired_verdict([1.0, 1.1, 1.2], [0.0, 0.1, 0.2])[0] == "reproduced"
+    assert paired_verdict([1.0, 0.0, 1.0], [0.0, 0.9, 0.9])[0] == "partly"
+    assert paired_verdict([0.0, 0.0], [0.1, 0.1])[0] == "not reproduced"
