@@ -114,6 +114,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for opt in ("steps", "batch", "threads"):
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt} must be at least 1, got {getattr(args, opt)}")
     if args.child:
         print(
             json.dumps(child(args.child[0], args.child[1], args.steps, args.batch, args.device, args.threads))

@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--skip-dask", action="store_true")
     args = parser.parse_args()
+    for name, low in (("steps", 1), ("rounds", 1), ("threads", 1), ("points", 2)):
+        if getattr(args, name) < low:
+            parser.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     bench_training(args.steps, args.compile, args.rounds)
     try:

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from PIL import Image  # noqa: E402
 from transformers import DynamicCache, LogitsProcessorList  # noqa: E402
 
+from conftest import toy_llava_world  # noqa: E402
 from layerwise.decoding import (  # noqa: E402
     M3IDLogitsProcessor,
     m3id_custom_generate,
@@ -42,13 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def vlm():
-    proc = build_processor(SPEC)
-    model = build_toy_llava(SPEC, hidden=32, layers=2, vision_hidden=32, seed=0)
-    model.generation_config.eos_token_id = None  # fixed-length generation: every step is checked
-    images = [
-        Image.fromarray(render_scene(SPEC, s, seed=i)) for i, s in enumerate(sample_scenes(SPEC, 3, seed=0))
-    ]
-    return model, proc, images
+    return toy_llava_world(seed=0)
 
 
 def _inputs(proc, images, prompts=PROMPTS):

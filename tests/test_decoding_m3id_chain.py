@@ -16,23 +16,15 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from PIL import Image  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
+from conftest import toy_llava_world  # noqa: E402
 from layerwise.decoding import (  # noqa: E402
     M3IDLogitsProcessor,
     m3id_custom_generate,
     unconditional_inputs,
 )
-from layerwise.decoding.toy_vlm import (  # noqa: E402
-    SceneSpec,
-    build_processor,
-    build_toy_llava,
-    render_scene,
-    sample_scenes,
-)
 
-SPEC = SceneSpec()
 PROMPTS = ["<image> describe :", "<image> is there a cup ?", "is there <image> a bus ?"]
 STEPS = 6
 LAMBDA = 0.5
@@ -42,12 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def vlm():
-    proc = build_processor(SPEC)
-    model = build_toy_llava(SPEC, hidden=32, layers=2, vision_hidden=32, seed=0)
-    model.generation_config.eos_token_id = None  # fixed length: every step is compared
-    images = [
-        Image.fromarray(render_scene(SPEC, s, seed=i)) for i, s in enumerate(sample_scenes(SPEC, 3, seed=0))
-    ]
+    model, proc, images = toy_llava_world(seed=0)  # fixed length: every step is compared
     inputs = proc(images=images, text=PROMPTS, padding=True, padding_side="left", return_tensors="pt")
     assert (inputs["attention_mask"] == 0).any(), "the batch must be left-padded"
     # alpha at the median confidence of plain greedy decoding: the gate opens at some steps, not at others

@@ -7,18 +7,9 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from PIL import Image  # noqa: E402
-
+from conftest import toy_llava_world  # noqa: E402
 from layerwise.decoding.reliance import plot_reliance, visual_reliance  # noqa: E402
-from layerwise.decoding.toy_vlm import (  # noqa: E402
-    SceneSpec,
-    build_processor,
-    build_toy_llava,
-    render_scene,
-    sample_scenes,
-)
 
-SPEC = SceneSpec()
 PROMPTS = ["<image> describe :", "<image> is there a cup ?", "is there <image> a bus ?"]
 STEPS = 5
 
@@ -27,14 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def vlm():
-    proc = build_processor(SPEC)
-    model = build_toy_llava(SPEC, hidden=32, layers=2, vision_hidden=32, seed=1)
-    # visual_reliance switches to eager attention itself when attentions are asked for
-    model.generation_config.eos_token_id = None
-    images = [
-        Image.fromarray(render_scene(SPEC, s, seed=i)) for i, s in enumerate(sample_scenes(SPEC, 3, seed=0))
-    ]
-    return model, proc, images
+    return toy_llava_world(seed=1)  # sdpa attention: visual_reliance switches to eager itself
 
 
 def _reference(model, proc, images, tokens, mode):

@@ -144,3 +144,16 @@ def test_experiment_runs_on_a_tiny_config(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
     rows = json.loads((tmp_path / "results.json").read_text())["points"]
     assert len(rows) == 4 and all(0.2 < r["R_init"] < 5 for r in rows)
+
+
+@pytest.mark.parametrize(("extra", "named"), [(["--device", "foo"], "device"),
+                                              (["--max-images", "-1"], "max"),
+                                              (["--size", "0"], "size")])
+def test_stability_bad_options_are_one_line_and_write_nothing(tmp_path, model_file, capsys, extra, named):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((4, 3, 12, 12)).astype(np.float32))
+    out = tmp_path / "res"
+    code = main(["diffeo", "stability", "--model", f"{model_file}:build", "--images", str(tmp_path / "x.npy"),
+                 "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and named in err[0] and "Traceback" not in err[0]
+    assert not out.exists()

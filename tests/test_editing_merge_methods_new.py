@@ -12,7 +12,7 @@ import torch
 from layerwise.editing.merge import merge_models
 from layerwise.editing.merge.della import magprune_probabilities
 from layerwise.editing.merge.gradients import interpolate, parse_schedule
-from layerwise.errors import ParameterError
+from layerwise.errors import CheckpointError, ParameterError
 
 
 def _slerp_reference(t, v0, v1, thr=0.9995, eps=1e-8):
@@ -320,3 +320,11 @@ def test_finiteness_check_fast_path_does_not_refuse_large_finite_values():
     torch.testing.assert_close(out, big["w"])
     with pytest.raises(ParameterError, match="inf/NaN"):
         merge_models("task_arithmetic", [big, big], base)  # 6e38 overflows float32 itself
+
+
+def test_finiteness_check_blames_a_non_finite_base():
+    """inf/NaN already in the base's tensor is a CheckpointError (a broken input), not a ParameterError."""
+    base = {"w": torch.tensor([0.0, float("inf"), 1.0])}
+    ft = {"w": torch.ones(3)}
+    with pytest.raises(CheckpointError, match=r"'w'.*flat index 1.*base model"):
+        merge_models("task_arithmetic", [ft], base)

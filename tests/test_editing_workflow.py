@@ -114,6 +114,16 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_dry_run_trains_and_writes_nothing(tmp_path, capsys):
+    cfg = _write(
+        tmp_path / "job.yaml",
+        {"model": {"kind": "toy_vit"}, "tasks": [{"name": "rot90"}], "finetune": {"steps": 7}},
+    )
+    assert main(["finetune", str(cfg), "--out", str(tmp_path / "o"), "--dry-run"]) == 0
+    assert "'steps': 7" in capsys.readouterr().out
+    assert not (tmp_path / "o").exists()
+
+
 # -- the real-model path on a tiny random CLIP ------------------------------------------------------------
 def _tiny_clip(folder):
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}

@@ -79,6 +79,9 @@ def test_gram_refuses_to_overwrite_and_names_bad_parameters(data, tmp_path, caps
     assert main(["kernels", "gram", "--kind", "local", "--s", "2", "--base", "rbf", "--data", str(path),
                  "--out", new]) == 2
     assert "base must be one of" in capsys.readouterr().err
+    assert main(["kernels", "gram", "--kind", "full", "--device", "bogus", "--data", str(path),
+                 "--out", new]) == 2
+    assert "device must be a usable torch device" in capsys.readouterr().err
 
 
 CONFIG = """

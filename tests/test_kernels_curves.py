@@ -118,6 +118,8 @@ def test_learning_curve_bad_input():
         learning_curve(k, k, [8], 4, [0], hypercube(2), ridge=-0.1)
     with pytest.raises(ParameterError, match="seeds\\[0\\]"):
         learning_curve(k, k, [8], 4, [-1], hypercube(2))
+    with pytest.raises(ParameterError, match="device must be a usable torch device"):
+        learning_curve(k, k, [8], 4, [0], hypercube(2), device="bogus")
 
 
 def test_kernel_spectrum_sorted_and_traced():

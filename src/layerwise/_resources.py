@@ -60,16 +60,16 @@ def available_memory(device: Any = None) -> int:
 
 
 def format_bytes(n: int | float) -> str:
-    """``n`` bytes as a short human string (``"160 GB"``, ``"8.8 TB"``, ``"2^1003 B"`` for huge values)."""
+    """``n`` bytes as a short human string (``"160 GB"``, ``"8.8 TB"``; ``"about 2^1003 B"`` when huge)."""
     n = int(n)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     units = ("B", "kB", "MB", "GB", "TB", "PB", "EB")
     if n < 1000:
         return f"{n} B"
-    exp = min((len(str(n)) - 1) // 3, len(units) - 1)
-    if n.bit_length() > 1000:  # beyond float range: give the power of two
+    if n.bit_length() > 1000:  # beyond float range (and str() of huge ints): give the power of two
         return f"about 2^{n.bit_length() - 1} B"
+    exp = min((len(str(n)) - 1) // 3, len(units) - 1)
     value = n / 1000**exp
     return f"{value:.3g} {units[exp]}" if value < 1e6 else f"{value:.3e} {units[exp]}"
 

@@ -249,15 +249,20 @@ def current_options() -> SweepOptions:
     return _OPTIONS.get() or SweepOptions()
 
 
-@contextlib.contextmanager
-def sweep_options(**changes: Any) -> Iterator[SweepOptions]:
-    """Within the block, sweeps run with the current options updated by ``changes`` (e.g. the CLI's
-    ``--executor dask --resume``); experiments pick them up through :func:`run_sweep`'s defaults."""
+def _replace_options(opts: SweepOptions, changes: Mapping[str, Any]) -> SweepOptions:
+    """``opts`` with the fields in ``changes`` replaced; unknown names raise :class:`ParameterError`."""
     names = {f.name for f in dataclasses.fields(SweepOptions)}
     unknown = sorted(set(changes) - names)
     if unknown:
         raise ParameterError(f"unknown sweep option(s) {unknown}; valid: {sorted(names)}")
-    new = dataclasses.replace(current_options(), **changes)
+    return dataclasses.replace(opts, **changes)
+
+
+@contextlib.contextmanager
+def sweep_options(**changes: Any) -> Iterator[SweepOptions]:
+    """Within the block, sweeps run with the current options updated by ``changes`` (e.g. the CLI's
+    ``--executor dask --resume``); experiments pick them up through :func:`run_sweep`'s defaults."""
+    new = _replace_options(current_options(), changes)
     token = _OPTIONS.set(new)
     try:
         yield new
@@ -364,6 +369,11 @@ def _pool(options: SweepOptions, folder: Path) -> Iterator[Any]:
         raise ParameterError(f"unknown executor {options.executor!r}")
 
 
+def _died(exc: BaseException) -> dict[str, Any]:
+    """The output of a point whose worker or job died; call it inside the ``except`` block."""
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(), "runtime_s": 0.0}
+
+
 def _as_completed(jobs: Mapping[Any, int], executor: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(index, output)`` as jobs finish (futures, or submitit jobs polled)."""
     if executor != "slurm":
@@ -371,8 +381,7 @@ def _as_completed(jobs: Mapping[Any, int], executor: str) -> Iterator[tuple[int,
             try:
                 out = fut.result()
             except Exception as exc:  # the worker died (crash, OOM kill, lost node): a failed point
-                out = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
-                       "runtime_s": 0.0}
+                out = _died(exc)
             yield jobs[fut], out
         return
     pending = dict(jobs)
@@ -383,8 +392,7 @@ def _as_completed(jobs: Mapping[Any, int], executor: str) -> Iterator[tuple[int,
             try:
                 out = job.result()
             except Exception as exc:  # the job itself died (node failure, timeout, preemption...)
-                out = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
-                       "runtime_s": 0.0}
+                out = _died(exc)
             yield index, out
         if pending and not done:
             time.sleep(0.5)
@@ -428,11 +436,7 @@ def run_sweep(
         raise ParameterTypeError(f"fn must be callable, got {type(fn).__name__}")
     opts = options if options is not None else current_options()
     if changes:
-        names = {f.name for f in dataclasses.fields(SweepOptions)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ParameterError(f"unknown sweep option(s) {unknown}; valid: {sorted(names)}")
-        opts = dataclasses.replace(opts, **changes)
+        opts = _replace_options(opts, changes)
     points = list(points)
     for i, p in enumerate(points):
         if not isinstance(p, Point):

@@ -95,12 +95,14 @@ def _stability(args: argparse.Namespace) -> int:
     from .._io import atomic_directory, check_output_dir, write_csv, write_json
     from ..diffeo import relative_stability
     from ..diffeo.io import load_model, read_images
+    from ..hierarchy._device import resolve_device
 
+    device = resolve_device(args.device)  # a bad --device is a one-line error, before any work
     inputs = [args.images] + ([args.weights] if args.weights else [])
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
-    model = load_model(args.model, args.weights).to(args.device).eval()
+    model = load_model(args.model, args.weights).to(device).eval()
     images = read_images(args.images, size=args.size, grayscale=args.grayscale, max_images=args.max_images)
-    images = images.to(args.device)
+    images = images.to(device)
     layers = None if args.layers is None else ["" if name == "output" else name for name in args.layers]
     results = relative_stability(model, images, layers=layers, c=args.c, T=args.T, n_repeats=args.n_repeats,
                                  estimator=args.estimator, batch_size=args.batch_size,

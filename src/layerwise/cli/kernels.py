@@ -52,6 +52,7 @@ def _gram(args: argparse.Namespace) -> int:
 
     from .._io import atomic_path, check_output_file
     from ..errors import InputDataError, ParameterError
+    from ..hierarchy._device import resolve_device
     from ..kernels import make_kernel
 
     out = check_output_file(args.out, overwrite=args.overwrite, inputs=[args.data, args.data2])
@@ -74,15 +75,16 @@ def _gram(args: argparse.Namespace) -> int:
                 raise ParameterError(f"--s is required with --kind {args.kind}")
             spec.update(s=args.s, dims=args.dims)
     kernel = make_kernel(spec)
+    device = resolve_device(args.device)
 
     def load(path: str):
         try:
             return torch.from_numpy(np.load(path, allow_pickle=False))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, TypeError) as err:
             raise InputDataError(f"cannot read {path} as a .npy array: {err}") from None
 
-    X = load(args.data).to(args.device)
-    Y = None if args.data2 is None else load(args.data2).to(args.device)
+    X = load(args.data).to(device)
+    Y = None if args.data2 is None else load(args.data2).to(device)
     K = kernel(X, Y, dtype=getattr(torch, args.dtype), block_size=args.block_size)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as fh:

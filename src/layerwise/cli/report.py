@@ -12,7 +12,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Read every experiment folder DIR/<name>/ written by 'layerwise reproduce' and write "
         "DIR/report.html: the scorecard of the papers' claims by system, then one section per experiment. "
         "Nothing is re-run.",
-        allow_abbrev=False,
     )
     p.add_argument("dir", metavar="DIR", help="results folder (the --out of 'layerwise reproduce')")
     p.add_argument("--title", default="layerwise: reproduction report", help="page title")

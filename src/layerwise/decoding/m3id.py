@@ -134,8 +134,10 @@ def m3id_scores(
 class M3IDLogitsProcessor:
     """A Hugging Face logits processor applying M3ID, with its own image-free forward pass and KV cache.
 
-    Pass it in ``model.generate(..., logits_processor=LogitsProcessorList([proc]))`` with greedy decoding or
-    sampling; use one processor per ``generate`` call. The image-free branch runs the same ``model`` on
+    Use it with greedy decoding or sampling, one processor per ``generate`` call: ``with proc.attach():
+    model.generate(...)`` applies M3ID before ``generate``'s own processors, as the paper's rule does (see
+    :meth:`attach`); ``model.generate(..., logits_processor=LogitsProcessorList([proc]))`` also works but
+    sees the scores after them. The image-free branch runs the same ``model`` on
     ``unconditional_inputs`` (first call: the whole prompt; then one token per step) with a cache that it
     creates itself, so ``generate``'s cache is never touched. Left padding is handled through position ids
     ``cumsum(mask) - 1``. With ``num_return_sequences = k`` the unconditional rows are repeated ``k`` times.
@@ -159,10 +161,10 @@ class M3IDLogitsProcessor:
 
     Example
     -------
-    >>> from transformers import LogitsProcessorList                       # doctest: +SKIP
     >>> unc = unconditional_inputs(inputs, image_token_id=model.config.image_token_id)  # doctest: +SKIP
     >>> proc = M3IDLogitsProcessor(model, unc, lambda_=0.02, alpha=0.3)     # doctest: +SKIP
-    >>> out = model.generate(**inputs, logits_processor=LogitsProcessorList([proc]))  # doctest: +SKIP
+    >>> with proc.attach():                                                 # doctest: +SKIP
+    ...     out = model.generate(**inputs, bad_words_ids=[[5]])
     """
 
     def __init__(

@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .. import _validation
+from .._validation import check_choice, check_float, check_int, make_generator
 from ..errors import ParameterError, ParameterTypeError
 
 __all__ = ["check_int", "check_float", "check_choice", "check_images", "check_temperature", "generator_of"]
-
-
-def _wrap(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    # layerwise._validation raises ValueError/TypeError; re-raise as the library's error types.
-    try:
-        return fn(*args, **kwargs)
-    except (ParameterError, ParameterTypeError):
-        raise
-    except TypeError as err:
-        raise ParameterTypeError(str(err)) from None
-    except ValueError as err:
-        raise ParameterError(str(err)) from None
-
-
-def check_int(name: str, value: Any, **bounds: Any) -> int:
-    return _wrap(_validation.check_int, name, value, **bounds)
-
-
-def check_float(name: str, value: Any, **bounds: Any) -> float:
-    return _wrap(_validation.check_float, name, value, **bounds)
-
-
-def check_choice(name: str, value: Any, choices: Any) -> Any:
-    return _wrap(_validation.check_choice, name, value, choices)
 
 
 def generator_of(seed: int | torch.Generator | None) -> torch.Generator:
@@ -44,7 +19,7 @@ def generator_of(seed: int | torch.Generator | None) -> torch.Generator:
             raise ParameterError(f"seed must be a CPU torch.Generator (draws are made on the CPU), got "
                                  f"one on {seed.device}")
         return seed
-    return _wrap(_validation.make_generator, seed)
+    return make_generator(seed)
 
 
 def check_images(name: str, images: Any, *, min_size: int = 2) -> torch.Tensor:

@@ -23,12 +23,11 @@ from .transform import deform, matched_noise
 __all__ = ["log_temperatures", "sample_grid", "plot_sample_grid"]
 
 
-def log_temperatures(size: int, c: int, steps: int, low_factor: float = 1.0, high_factor: float = 1.0
-                     ) -> list[float]:
-    """``steps`` temperatures log-spaced over ``[T_min * low_factor, T_max * high_factor]``."""
+def log_temperatures(size: int, c: int, steps: int) -> list[float]:
+    """``steps`` temperatures log-spaced over ``[T_min, T_max]`` (:func:`temperature_range`)."""
     steps = check_int("steps", steps, low=1)
     t_min, t_max = temperature_range(size, c)
-    lo, hi = math.log(t_min * low_factor), math.log(t_max * high_factor)
+    lo, hi = math.log(t_min), math.log(t_max)
     if steps == 1:
         return [math.exp(0.5 * (lo + hi))]
     return [math.exp(lo + (hi - lo) * k / (steps - 1)) for k in range(steps)]
@@ -78,9 +77,10 @@ def plot_sample_grid(image: torch.Tensor, grid: dict[str, Any], title: str | Non
     k = len(grid["temperatures"])
     fig, axes = plt.subplots(2, k + 1, figsize=(1.9 * (k + 1), 4.3), squeeze=False)
 
+    lo, hi = float(image.min()), float(image.max())  # every panel on the original's scale
+
     def show(ax, img):
         arr = img.detach().float().cpu()
-        lo, hi = float(image.min()), float(image.max())
         arr = ((arr - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
         if arr.shape[0] == 1:
             ax.imshow(arr[0].numpy(), cmap="gray", vmin=0, vmax=1)

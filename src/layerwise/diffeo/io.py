@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .._validation import check_int
 from ..errors import CheckpointError, InputDataError, MissingExtraError, ParameterError
 
 __all__ = ["read_image", "read_images", "load_model"]
@@ -52,6 +53,10 @@ def read_image(path: str | Path, size: int | None = None, grayscale: bool = Fals
 def read_images(source: str | Path, size: int | None = None, grayscale: bool = False,
                 max_images: int | None = None) -> torch.Tensor:
     """Images (N, C, H, W) float32 from a ``.npy`` file ((N, C, H, W) or (N, H, W)) or a folder of images."""
+    if size is not None:
+        check_int("--size", size, low=2)
+    if max_images is not None:
+        check_int("--max-images", max_images, low=1)  # a negative slice would silently drop images
     source = Path(source)
     if source.is_dir():
         files = sorted(f for f in source.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)

@@ -111,17 +111,19 @@ def run_text(
                                            n_steps=n_steps, strategy=strategy, batch_size=batch_size)
     ids = passages_from_text(den.tokenizer, text, length=length, n_passages=n_passages)
     res = text_forward_backward(den, ids, levels, n_trajectories, seed=seed, progress=progress)
-    summaries = []
-    for lv in res.levels:
-        s = lv.summary(r_max=r_max)
-        keys = ("level", "change_probability", "chi", "chi_r_max", "xi", "r", "C_r")
-        summaries.append({k: s[k] for k in keys})
+    summaries = _summaries(res.levels, ("level", "change_probability", "chi", "chi_r_max", "xi", "r", "C_r"),
+                           r_max=r_max)
     meta = {"model": str(model), "text_file": str(text_file), "n_passages": int(ids.shape[0]),
             "length": length, "n_trajectories": n_trajectories, "n_steps": n_steps, "strategy": strategy,
             "r_max": r_max, "seed": seed}
     with atomic_directory(out) as tmp:
         results = write_results(tmp, "text", summaries, meta, "level")
     return results
+
+
+def _summaries(levels: Sequence[Any], keys: Sequence[str], **kwargs: Any) -> list[dict[str, Any]]:
+    """The ``keys`` of each level's ``summary(**kwargs)``: the rows :func:`write_results` stores."""
+    return [{k: s[k] for k in keys} for s in (lv.summary(**kwargs) for lv in levels)]
 
 
 def _check_levels(levels: Sequence[float]) -> list[float]:
@@ -247,11 +249,7 @@ def run_images(
     res = image_forward_backward(unet, sched, x0, timesteps, n_trajectories, enc,
                                  n_inference_steps=n_inference_steps, batch_size=batch_size,
                                  seed=(seed + 1) % (1 << 63), progress=progress)
-    summaries = []
-    for lv in res:
-        s = lv.summary()
-        summaries.append({"timestep": s["timestep"], "change_probability": s["change_probability"],
-                          "chi": s["chi"], "xi": s["xi"], "r": s["r"], "C_r": s["C_r"]})
+    summaries = _summaries(res, ("timestep", "change_probability", "chi", "xi", "r", "C_r"))
     meta = {"pipeline": str(pipeline), "encoder": str(encoder), "n_images": int(x0.shape[0]),
             "n_trajectories": n_trajectories, "n_inference_steps": n_inference_steps, "scheduler": scheduler,
             "grid": list(res[0].statistics.grid), "seed": seed,

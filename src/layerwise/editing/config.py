@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,6 +39,7 @@ from .lines import _compile
 from .merge import MERGE_METHODS
 from .merge.driver import DTYPE_CHOICES, LinesSpec, MergePlan, plan_merge
 from .merge.gradients import split_schedules
+from .merge.registry import _r
 from .mergekit_config import is_mergekit_config, translate_mergekit
 
 __all__ = ["ModelEntry", "MergeConfig", "MissingPathError", "load_merge_config", "parse_merge_config"]
@@ -59,15 +59,6 @@ _TOP_KEYS = (
     "tokenizer_source",
 )
 _LINES_KEYS = ("alpha", "beta", "pattern")
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 80
-_REPR.maxlevel = 2
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
-
-
-def _r(value: Any) -> str:
-    """A bounded repr for error messages (a YAML file can alias one list into a billion elements)."""
-    return _REPR.repr(value)
 
 
 @dataclass(frozen=True)

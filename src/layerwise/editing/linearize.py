@@ -236,7 +236,7 @@ class LinearizedModel(nn.Module):
     def from_checkpoints(cls, model: nn.Module, pretrained: Any, finetuned: Any) -> LinearizedModel:
         """Linearized ``model`` around the weights ``pretrained`` with ``theta`` from ``finetuned`` (paths,
         state dicts or checkpoints; e.g. a linearized fine-tune saved with :meth:`theta`, or a merge of them
-        written by ``layerwise merge``)."""
+        written by ``layerwise merge``). ``model`` itself is loaded with ``pretrained`` (in place)."""
         from .checkpoints import load_state_dict
 
         state0 = load_state_dict(pretrained)

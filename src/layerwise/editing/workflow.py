@@ -138,12 +138,12 @@ def parse_finetune_job(raw: Any, base_dir: str | os.PathLike = ".") -> FinetuneJ
             raise _err(f"model.{key}", f"must be a non-negative integer, got {v!r}")
     device = model.get("device", "cpu")
     try:
-        torch.device(device)
+        device_type = torch.device(device).type
     except (RuntimeError, TypeError):
         raise _err(
             "model.device", f"must be a torch device such as 'cpu' or 'cuda', got {device!r}"
         ) from None
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    if device_type == "cuda" and not torch.cuda.is_available():
         raise _err("model.device", f"{device!r} requested but CUDA is not available in this torch build")
     local = model.get("local_files_only", False)
     if not isinstance(local, bool):
@@ -198,9 +198,7 @@ def parse_finetune_job(raw: Any, base_dir: str | os.PathLike = ".") -> FinetuneJ
         raise _err("finetune.modes", f"must be a list of distinct modes among {list(MODES)}, got {modes!r}")
     try:
         cfg = FinetuneConfig(**ft)
-    except LayerwiseError as err:
-        raise _err("finetune", str(err)) from None
-    except (TypeError, ValueError) as err:
+    except (LayerwiseError, TypeError, ValueError) as err:
         raise _err("finetune", str(err)) from None
     return FinetuneJob(
         kind,
@@ -254,7 +252,12 @@ def _setup(job: FinetuneJob, log: Callable[[str], None]):
             head = zeroshot_head(clip, tokenizer, classes, t.templates or DEFAULT_TEMPLATES)
             setup[t.name] = (head, train, val, list(classes))
             log(f"task {t.name}: {len(train)} training images, {len(classes)} classes")
-        return encoder.to(job.device), {k: (v[0].to(job.device), *v[1:]) for k, v in setup.items()}
+    else:
+        encoder, setup = _toy_setup(job, log)
+    return encoder.to(job.device), {k: (v[0].to(job.device), *v[1:]) for k, v in setup.items()}
+
+
+def _toy_setup(job: FinetuneJob, log: Callable[[str], None]):
     from .toy_models import PrototypeHead, build_encoder, class_prototypes
     from .toy_tasks import make_tasks, pretrain_encoder
 
@@ -269,7 +272,7 @@ def _setup(job: FinetuneJob, log: Callable[[str], None]):
             z = encoder(task.train[0])
             head = PrototypeHead(class_prototypes(z, task.train[1], task.num_classes), 10.0, center=z.mean(0))
             setup[name] = (head, task.train, task.val, [str(c) for c in range(task.num_classes)])
-    return encoder.to(job.device), {k: (v[0].to(job.device), *v[1:]) for k, v in setup.items()}
+    return encoder, setup
 
 
 def _accuracy(model, head, data, batch_size: int, device: str = "cpu") -> float:

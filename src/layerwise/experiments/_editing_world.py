@@ -8,7 +8,6 @@ Not public API: experiment logic only. The library pieces are in :mod:`layerwise
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -186,6 +185,23 @@ class World:
         return self.accuracy_from_features(self.features(deltas, task, split), task, split)
 
 
+def world_spec(config, arch: str, seed: int) -> WorldSpec:
+    """The :class:`WorldSpec` of ``seed`` for ``arch`` from an experiment ``Config`` (the fields the
+    ``task-arithmetic`` and ``lines`` configs share; the rest keep their defaults)."""
+    return WorldSpec(
+        arch=arch,
+        tasks=config.tasks,
+        seed=seed,
+        n_train=config.n_train,
+        n_val=config.n_val,
+        n_test=config.n_test,
+        pretrain_steps=config.pretrain_steps,
+        ft_steps=config.ft_steps,
+        ft_batch=config.ft_batch,
+        ft_lr=config.ft_lr,
+    )
+
+
 _CACHE: dict[WorldSpec, World] = {}
 
 
@@ -208,10 +224,6 @@ def get_world(spec: WorldSpec) -> World:
         theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
         _CACHE[spec] = World(spec, encoder, tasks, heads, theta0)
     return _CACHE[spec]
-
-
-def clone_state(world: World) -> dict[str, torch.Tensor]:
-    return copy.deepcopy(world.theta0)
 
 
 def mean(values: Iterable[float]) -> float:

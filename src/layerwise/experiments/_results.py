@@ -45,20 +45,13 @@ class ReportParts:
     text: str = ""
 
 
-def _as_claim(obj: Any, i: int) -> Claim:
-    if isinstance(obj, Claim):
+def _as_part(obj: Any, cls: type, key: str, i: int) -> Any:
+    """``obj`` as a ``cls`` (a :class:`Claim` or :class:`Table`, or its dict form) for ``summary[key][i]``."""
+    if isinstance(obj, cls):
         return obj
     if isinstance(obj, Mapping):
-        return Claim.from_dict(obj)
-    raise TypeError(f"summary['claims'][{i}] must be a Claim, got {type(obj).__name__}")
-
-
-def _as_table(obj: Any, i: int) -> Table:
-    if isinstance(obj, Table):
-        return obj
-    if isinstance(obj, Mapping):
-        return Table.from_dict(obj)
-    raise TypeError(f"summary['tables'][{i}] must be a Table, got {type(obj).__name__}")
+        return cls.from_dict(obj)
+    raise TypeError(f"summary[{key!r}][{i}] must be a {cls.__name__}, got {type(obj).__name__}")
 
 
 def split_summary(summary: Mapping[str, Any]) -> tuple[dict[str, Any], ReportParts]:
@@ -78,7 +71,7 @@ def split_summary(summary: Mapping[str, Any]) -> tuple[dict[str, Any], ReportPar
         raise TypeError("summary['figures'] must map PNG file names (str) to captions (str)")
     if not isinstance(text, str):
         raise TypeError(f"summary['text'] must be a str, got {type(text).__name__}")
-    table_objs = tuple(_as_table(t, i) for i, t in enumerate(tables))
+    table_objs = tuple(_as_part(t, Table, "tables", i) for i, t in enumerate(tables))
     names = [t.name for t in table_objs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -87,7 +80,7 @@ def split_summary(summary: Mapping[str, Any]) -> tuple[dict[str, Any], ReportPar
         if "/" in name or "\\" in name or name.startswith(".") or not name.endswith(".png"):
             raise ValueError(f"summary['figures'] keys must be PNG file names in the folder, got {name!r}")
     parts = ReportParts(
-        claims=tuple(_as_claim(c, i) for i, c in enumerate(claims)),
+        claims=tuple(_as_part(c, Claim, "claims", i) for i, c in enumerate(claims)),
         tables=table_objs,
         figures=dict(figures),
         text=text,

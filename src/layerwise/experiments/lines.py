@@ -42,7 +42,7 @@ from ..editing.lines import apply_lines, multitask_alpha
 from ..editing.merge import merge_models
 from ..editing.task_vector import TaskVector
 from ._base import EXPERIMENTS, Experiment, grid
-from ._editing_world import CONTROL, PAIRED_RULE, WorldSpec, get_world, mean, one_thread, paired_verdict
+from ._editing_world import CONTROL, PAIRED_RULE, get_world, mean, one_thread, paired_verdict, world_spec
 from .claims import Claim, Table, mean_std
 
 PAPER = "Wang et al., ICLR 2025 (LiNeS)"
@@ -63,21 +63,6 @@ class Config:
     n_val: int = 120
     n_test: int = 199
     uniform_grid: tuple[float, ...] = grid(0.0, 1.0, 0.1)
-
-
-def _spec(config: Config, seed: int) -> WorldSpec:
-    return WorldSpec(
-        arch=config.arch,
-        tasks=config.tasks,
-        seed=seed,
-        n_train=config.n_train,
-        n_val=config.n_val,
-        n_test=config.n_test,
-        pretrain_steps=config.pretrain_steps,
-        ft_steps=config.ft_steps,
-        ft_batch=config.ft_batch,
-        ft_lr=config.ft_lr,
-    )
 
 
 def _single_task(w, config: Config, zs: dict) -> dict:
@@ -166,7 +151,7 @@ def _multi_task(w, config: Config) -> dict:
 
 
 def _seed(config: Config, seed: int) -> dict:
-    w = get_world(_spec(config, seed))
+    w = get_world(world_spec(config, config.arch, seed))
     zs = {t: {s: w.acc_deltas(None, t, s) for s in ("val", "test")} for t in [*config.tasks, CONTROL]}
     return {"seed": seed, "single": _single_task(w, config, zs), "multi": _multi_task(w, config)}
 

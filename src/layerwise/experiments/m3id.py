@@ -389,41 +389,41 @@ def _figure(agg: dict, config: Config, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _seed_in_worker(one_seed: Any, config: Any, seed: int) -> list[dict[str, Any]]:
-    """One seed in a worker process, with torch limited to ``config.torch_threads``."""
+def _call_with_threads(fn: Any, threads: int, args: tuple) -> Any:
+    """``fn(*args)`` with torch limited to ``threads`` (in a worker process, or restored afterwards here)."""
     import torch
 
-    torch.set_num_threads(config.torch_threads)
-    return one_seed(config, seed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_calls(fn: Any, calls: list[tuple], *, workers: int, threads: int, desc: str) -> list[Any]:
+    """``[fn(*args) for args in calls]`` with ``threads`` torch threads per call (tiny models: more threads
+    only add OpenMP overhead), in ``workers`` spawned processes when ``workers > 1``.
+
+    Every call draws from its own seeded streams, so the results are the same as in one process (tested),
+    and they come back in call order.
+    """
+    if workers <= 1 or len(calls) <= 1:
+        return [_call_with_threads(fn, threads, args) for args in tqdm(calls, desc=desc, unit="seed")]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")  # fork would inherit torch's thread pool state
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_call_with_threads, fn, threads, args) for args in calls]
+        return [f.result() for f in tqdm(futures, desc=desc, unit="seed")]
 
 
 def _run_seeds(config: Any, one_seed: Any, desc: str) -> list[dict[str, Any]]:
-    """Rows of ``one_seed(config, seed)`` for every seed of ``config``, with torch limited to
-    ``config.torch_threads`` meanwhile (tiny models: more threads only add OpenMP overhead).
-
-    With ``config.workers > 1`` the seeds run in that many spawned processes; every seed draws from its
-    own seeded streams, so the rows are the same as in one process (tested), in seed order.
-    """
-    import torch
-
-    workers = getattr(config, "workers", 1)
-    if workers > 1 and len(config.seeds) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        ctx = multiprocessing.get_context("spawn")  # fork would inherit torch's thread pool state
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_seed_in_worker, one_seed, config, seed) for seed in config.seeds]
-            return [row for f in tqdm(futures, desc=desc, unit="seed") for row in f.result()]
-    rows: list[dict[str, Any]] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.torch_threads)
-    try:
-        for seed in tqdm(config.seeds, desc=desc, unit="seed"):
-            rows.extend(one_seed(config, seed))
-    finally:
-        torch.set_num_threads(threads)
-    return rows
+    """Rows of ``one_seed(config, seed)`` for every seed of ``config`` (see :func:`run_calls`)."""
+    per_seed = run_calls(one_seed, [(config, seed) for seed in config.seeds], workers=config.workers,
+                         threads=config.torch_threads, desc=desc)
+    return [row for rows in per_seed for row in rows]
 
 
 def run(config: Config, out: Path) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from typing import Any
 from .._io import save_figure, write_csv, write_json
 from ..decoding.toy_vlm import SceneSpec
 from ._base import EXPERIMENTS, Experiment
-from .m3id import _aggregate, _pope_items, _trained_toy_world
+from .m3id import _aggregate, _pope_items, _trained_toy_world, run_calls
 
 __all__ = ["Config", "run", "select_setting"]
 
@@ -184,7 +184,6 @@ def _one_seed(
     from ..decoding import chair, extract_objects, m3id_generate, pope_metrics
     from ..decoding.toy_vlm import caption_prompt
 
-    torch.set_num_threads(config.torch_threads)
     spec = config.scene
     proc, model, test, imgs = _trained_toy_world(config, spec, seed, pope_fraction=config.pope_fraction)
     prompts = [caption_prompt()] * len(imgs)
@@ -273,23 +272,8 @@ def _one_seed(
 
 def _run_points(config: Config, points: list[tuple[int, tuple, bool]]) -> list[dict[str, Any]]:
     """``_one_seed`` for each (seed, settings, reliance) point, in ``config.workers`` spawned processes."""
-    from tqdm.auto import tqdm
-
-    if config.workers <= 1 or len(points) == 1:
-        import torch
-
-        threads = torch.get_num_threads()
-        try:
-            return [_one_seed(config, *p) for p in tqdm(points, desc="m3id-long seeds", unit="seed")]
-        finally:
-            torch.set_num_threads(threads)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = multiprocessing.get_context("spawn")  # fork would inherit torch's thread pool state
-    with ProcessPoolExecutor(max_workers=config.workers, mp_context=ctx) as pool:
-        futures = [pool.submit(_one_seed, config, *p) for p in points]
-        return [f.result() for f in tqdm(futures, desc="m3id-long seeds", unit="seed")]
+    return run_calls(_one_seed, [(config, *p) for p in points], workers=config.workers,
+                     threads=config.torch_threads, desc="m3id-long seeds")
 
 
 def _paired(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:

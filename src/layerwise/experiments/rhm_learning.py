@@ -243,7 +243,7 @@ def run(config: Config, out: Path) -> dict[str, Any]:
                      "P_star": p_star, "fit": kind, "P_star_over_ncmL": p_star / (v * m**L),
                      "largest_P": g[-1]["P"], "P_star_correlation": corr.P_star,
                      "P_star_correlation_over_ncmL": corr.P_star / (v * m**L)})
-    write_csv(out / "points.csv", [{k: val for k, val in r.items() if k != "test_error_all"} for r in raw])
+    write_csv(out / "points.csv", raw)
     write_csv(out / "curves.csv", rows)
     write_csv(out / "p_star.csv", fits)
     _plot(rows, fits, out / "collapse.png")

@@ -40,7 +40,7 @@ from .._io import save_figure, write_csv, write_json
 from ..editing.disentanglement import disentanglement_error
 from ..editing.evaluation import ADDITION_GRID, search_addition, search_negation
 from ._base import EXPERIMENTS, Experiment, grid
-from ._editing_world import CONTROL, PAIRED_RULE, WorldSpec, get_world, mean, one_thread, paired_verdict
+from ._editing_world import CONTROL, PAIRED_RULE, get_world, mean, one_thread, paired_verdict, world_spec
 from .claims import Claim, Table, mean_std
 
 # modes: (task vectors from, evaluated linearized?)
@@ -70,23 +70,8 @@ class Config:
     xi_samples: int = 80  # validation images per task for xi
 
 
-def _spec(config: Config, arch: str, seed: int) -> WorldSpec:
-    return WorldSpec(
-        arch=arch,
-        tasks=config.tasks,
-        seed=seed,
-        n_train=config.n_train,
-        n_val=config.n_val,
-        n_test=config.n_test,
-        pretrain_steps=config.pretrain_steps,
-        ft_steps=config.ft_steps,
-        ft_batch=config.ft_batch,
-        ft_lr=config.ft_lr,
-    )
-
-
 def _seed_results(config: Config, arch: str, seed: int) -> dict:
-    w = get_world(_spec(config, arch, seed))
+    w = get_world(world_spec(config, arch, seed))
     tasks = list(config.tasks)
     out: dict = {"arch": arch, "seed": seed}
     zs = {t: {s: w.acc_deltas(None, t, s) for s in ("val", "test")} for t in [*tasks, CONTROL]}

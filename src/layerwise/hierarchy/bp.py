@@ -90,6 +90,11 @@ class BPResult:
 
 
 # --------------------------------------------------------------------------------------------- validation
+def _n_message_values(rhm: RHM) -> int:
+    """Message (or marginal) values of one datum over all levels: ``n_c + v * (s + s**2 + ... + s**L)``."""
+    return rhm.n_c + rhm.v * (rhm.s ** (rhm.L + 1) - rhm.s) // (rhm.s - 1)
+
+
 def bp_memory(rhm: RHM, n: int, dtype: torch.dtype = torch.float64) -> int:
     """Estimated peak bytes of :func:`belief_propagation` on ``n`` rows (beyond the evidence itself).
 
@@ -98,7 +103,7 @@ def bp_memory(rhm: RHM, n: int, dtype: torch.dtype = torch.float64) -> int:
     Exact Python int (astronomical for deep trees).
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    values = n * (rhm.n_c + rhm.v * (rhm.s ** (rhm.L + 1) - rhm.s) // (rhm.s - 1))
+    values = n * _n_message_values(rhm)
     return itemsize * (2 * values + n * rhm.d * rhm.v + 8 * _CHUNK_ELEMENTS)
 
 

@@ -20,7 +20,7 @@ from .._resources import check_memory
 from .._validation import check_float, check_int, make_generator
 from ..errors import InputDataError, ParameterError, ParameterTypeError
 from ._device import resolve_device
-from .bp import bp_memory, marginals_and_sample
+from .bp import _n_message_values, bp_memory, marginals_and_sample
 from .datafile import dataset_arrays, read_arrays, write_arrays
 from .noise import NoiseProcess, make_noise_process
 from .rhm import RHM, RHMSample
@@ -128,8 +128,7 @@ def denoise(
         for lev, marg in enumerate(res.marginals):
             marginals[lev].append(marg.to(home))
         log_z.append(res.log_partition.to(home))
-        samples.append(RHMSample(labels=sample.labels.to(home), tree=tuple(t.to(home) for t in sample.tree),
-                                 choices=tuple(c.to(home) for c in sample.choices)))
+        samples.append(sample.to(home))
     if samples:
         posterior = RHMSample(
             labels=torch.cat([p.labels for p in samples]),
@@ -172,7 +171,7 @@ def denoise_memory(rhm: RHM, n: int, dtype: torch.dtype = torch.float64, batch_s
     """Estimated peak bytes of :func:`denoise` on ``n`` data: the marginals of every level for all data,
     the noisy tokens and posterior samples (int64), and one batch of evidence and belief propagation."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    marginal_values = n * (rhm.n_c + rhm.v * (rhm.s ** (rhm.L + 1) - rhm.s) // (rhm.s - 1))
+    marginal_values = n * _n_message_values(rhm)
     tokens = 8 * n * (3 * rhm.n_internal + 2 * rhm.d + 1)
     batch = min(n, batch_size)
     evidence = itemsize * batch * rhm.d * rhm.v

@@ -139,8 +139,7 @@ class BPDenoiser:
             evidence = process.leaf_evidence(rows, level, dtype=self.dtype)  # (B, d, v), built on `work`
             part = sample_posterior(self.rhm, evidence, seed=gen, dtype=self.dtype)
             if work != home:
-                part = RHMSample(labels=part.labels.to(home), tree=tuple(t.to(home) for t in part.tree),
-                                 choices=tuple(c.to(home) for c in part.choices))
+                part = part.to(home)
             parts.append(part)
         if len(parts) == 1:
             return parts[0]
@@ -246,9 +245,7 @@ def _run_level(
         x_t = process.corrupt(rep, level, gen)
         out = denoiser.sample_x0(x_t if device is None else x_t.to(device), process, level, gen)
         if device is not None:  # observables are computed where x0 lives
-            out = (RHMSample(labels=out.labels.to(x0.device), tree=tuple(t.to(x0.device) for t in out.tree),
-                             choices=tuple(c.to(x0.device) for c in out.choices))
-                   if isinstance(out, RHMSample) else out.to(x0.device))
+            out = out.to(x0.device)  # an RHMSample or a tensor
         tokens_hat = out.tokens if isinstance(out, RHMSample) else out
         if not isinstance(tokens_hat, torch.Tensor) or tuple(tokens_hat.shape) != (b * n_traj, d):
             raise ParameterError(f"denoiser must return (N, d) = {(b * n_traj, d)} tokens or an RHMSample, "

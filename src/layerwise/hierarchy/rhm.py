@@ -72,6 +72,14 @@ class RHMSample:
             choices=tuple(c[idx] for c in self.choices),
         )
 
+    def to(self, device: str | torch.device) -> RHMSample:
+        """The same data on ``device`` (labels, tree and choices moved)."""
+        return RHMSample(
+            labels=self.labels.to(device),
+            tree=tuple(t.to(device) for t in self.tree),
+            choices=tuple(c.to(device) for c in self.choices),
+        )
+
 
 def _decode_base(values: torch.Tensor, base: int, n_digits: int) -> torch.Tensor:
     """(N,) int64 -> (N, n_digits) digits in ``base``, most significant first."""

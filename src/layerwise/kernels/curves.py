@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +30,10 @@ import torch
 
 from ..errors import ParameterError, ParameterTypeError
 from ._checks import as_data, check_float, check_int
-from .regression import Kernel, cholesky_solve_factor
+from .data import Sampler
+from .regression import Kernel, cholesky_solve_factor, field_from_covariance
 
 __all__ = ["LearningCurve", "ExponentFit", "learning_curve", "fit_exponent", "kernel_spectrum"]
-
-Sampler = Callable[[int, torch.Generator], torch.Tensor]
-
 
 @dataclass(frozen=True)
 class LearningCurve:
@@ -211,7 +209,9 @@ def learning_curve(
     ridge = check_float("ridge", ridge, low=0.0)
     if not callable(sampler):
         raise ParameterTypeError(f"sampler must be a callable sampler(n, generator), got {sampler!r}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    from ..hierarchy._device import resolve_device
+
+    device = resolve_device(device)
     p_max = P[-1]
     pairs = [(t, s) for t in teachers for s in students]
     mse = {pair: torch.empty(len(P), len(seeds), dtype=torch.float64) for pair in pairs}
@@ -232,12 +232,7 @@ def learning_curve(
         fields = {}
         for name, k in teachers.items():
             noise = torch.randn(p_max + n_test, 1, generator=gen, dtype=torch.float64).to(device)
-            L, _ = cholesky_solve_factor(gram(k))
-            if L is None:
-                evals, evecs = torch.linalg.eigh(gram(k))
-                fields[name] = evecs @ (evals.clamp_min(0).sqrt()[:, None] * (evecs.T @ noise))
-            else:
-                fields[name] = L @ noise  # (N, 1)
+            fields[name] = field_from_covariance(gram(k), noise)  # (N, 1)
         student_ids = {id(k) for k in students.values()}
         for k in teachers.values():  # free teacher-only Gram matrices before the students' solves
             if id(k) not in student_ids:

@@ -174,6 +174,12 @@ def gaussian_random_field(kernel: Kernel, X: Any, n_fields: int = 1, seed: int |
     gen = make_generator(seed)
     K = kernel(X, None)
     noise = torch.randn(K.shape[0], n_fields, generator=gen, dtype=torch.float64).to(K.device, K.dtype)
+    return field_from_covariance(K, noise)
+
+
+def field_from_covariance(K: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``A @ noise`` with ``A A^T = K``: the Cholesky factor of :func:`cholesky_solve_factor` if one works,
+    else ``V sqrt(max(Lambda, 0))`` from an eigendecomposition. ``noise``: (N, k) standard normal."""
     L, _ = cholesky_solve_factor(K)
     if L is not None:
         return L @ noise

@@ -51,9 +51,10 @@ class KernelSpec:
         support = spec.pop("support", None)
         if support is not None:
             start, stop = support
-            if torch.as_tensor(X).ndim != 2:
+            X = torch.as_tensor(X)
+            if X.ndim != 2:
                 raise ParameterError("support applies to 1-D inputs (n, d) only")
-            X = torch.as_tensor(X)[:, start:stop]
+            X = X[:, start:stop]
             Y = None if Y is None else torch.as_tensor(Y)[:, start:stop]
         if kind == "hierarchical":
             return hierarchical_kernel(X, Y, spec.pop("filters"), spec.pop("kind", "ntk"), **kw)

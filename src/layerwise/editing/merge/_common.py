@@ -6,7 +6,7 @@ import torch
 
 from .registry import Param
 
-__all__ = ["WEIGHT", "DENSITY", "TOPK", "disjoint_mean", "keep_topk", "weighted_sum"]
+__all__ = ["WEIGHT", "DENSITY", "TOPK", "combine", "disjoint_mean", "keep_topk", "weighted_sum"]
 
 WEIGHT = Param("weight", 1.0, per_model=True, doc="coefficient of this model's task vector")
 DENSITY = Param(
@@ -57,3 +57,13 @@ def weighted_sum(kept: torch.Tensor, weight: torch.Tensor, normalize: bool) -> t
         return total
     divisor = float(weight.sum())
     return total / (divisor if abs(divisor) >= 1e-8 else 1.0)
+
+
+def combine(kept: torch.Tensor, weight: torch.Tensor, how: str, normalize: bool | None) -> torch.Tensor:
+    """Merge trimmed task vectors ``kept`` (T, n): TIES sign election and disjoint mean (``how="ties"``) or a
+    weighted sum (``"sum"``); ``normalize`` None means True for ``"ties"``, False for ``"sum"``."""
+    if normalize is None:
+        normalize = how == "ties"
+    if how == "ties":
+        return disjoint_mean(kept, weight, normalize)
+    return weighted_sum(kept, weight, normalize)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import WEIGHT, disjoint_mean, weighted_sum
+from ._common import WEIGHT
+from ._common import combine as _combine
 from .registry import Param, register_merge_method
 
 __all__ = ["breadcrumbs", "breadcrumbs_ranks"]
@@ -61,6 +62,4 @@ def breadcrumbs(
     mag = deltas.abs().float()
     keep = (mag < thresholds[:, :1].float()) & (mag >= thresholds[:, 1:].float())  # (T, n)
     kept = torch.where(keep, deltas, 0)
-    if combine == "ties":
-        return disjoint_mean(kept, weight, normalize)
-    return weighted_sum(kept, weight, normalize)
+    return _combine(kept, weight, combine, normalize)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import WEIGHT, disjoint_mean, weighted_sum
+from ._common import WEIGHT
+from ._common import combine as _combine
 from .registry import Param, register_merge_method
 
 
@@ -39,6 +40,4 @@ def dare(
     """``deltas`` (T, n), ``uniform`` (T, n) draws in [0, 1): entry kept iff ``uniform >= drop_rate``."""
     p = drop_rate[:, None].to(deltas.dtype)  # (T, 1)
     kept = torch.where(uniform.to(deltas.dtype) >= p, deltas / (1 - p) if rescale else deltas, 0)  # (T, n)
-    if combine == "ties":
-        return disjoint_mean(kept, weight, True if normalize is None else normalize)
-    return weighted_sum(kept, weight, bool(normalize))
+    return _combine(kept, weight, combine, normalize)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import ParameterError
-from ._common import WEIGHT, disjoint_mean, weighted_sum
+from ._common import WEIGHT
+from ._common import combine as _combine
 from .registry import Param, register_merge_method
 
 __all__ = ["della", "magprune_probabilities"]
@@ -71,9 +72,4 @@ def della(deltas: torch.Tensor, **kw) -> torch.Tensor:
     keep = kw["uniform"].double() < probs
     scaled = deltas / probs.to(deltas.dtype) if kw["rescale"] else deltas
     kept = torch.where(keep, scaled, 0)
-    normalize = kw["normalize"] if kw["normalize"] is not None else kw["combine"] == "ties"
-    if kw["combine"] == "ties":
-        merged = disjoint_mean(kept, kw["weight"], normalize)
-    else:
-        merged = weighted_sum(kept, kw["weight"], normalize)
-    return kw["lambda"] * merged
+    return kw["lambda"] * _combine(kept, kw["weight"], kw["combine"], kw["normalize"])

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from ..._io import OUTPUT_MARKER, atomic_directory, check_output_dir, is_temporary_name, write_json
+from ..._validation import check_float, check_int, check_seed
 from ...errors import CheckpointError, ParameterError, ParameterTypeError
 from ..checkpoints import (
     SAFETENSORS_INDEX,
@@ -82,34 +82,13 @@ class LinesSpec:
                 "lines: give alpha (single task, beta = 1 - alpha) or beta (alpha automatic)"
             )
         if self.alpha is not None:
-            _finite("lines.alpha", self.alpha)
+            check_float("lines.alpha", self.alpha)
         if self.beta is not None:
-            _finite("lines.beta", self.beta)
+            check_float("lines.beta", self.beta)
         if self.pattern is not None and not isinstance(self.pattern, str):
             raise ParameterTypeError(
                 f"lines.pattern must be a regular expression string, got {self.pattern!r}"
             )
-
-
-def _finite(name: str, value: Any) -> float:
-    """``value`` as a float if it is a finite real (not a bool); else ParameterError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ParameterTypeError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
-    try:
-        out = float(value)
-    except OverflowError:
-        out = math.inf
-    if not math.isfinite(out):
-        raise ParameterError(f"{name} must be a finite number, got {value!r}")
-    return out
-
-
-def _integer(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ParameterTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if not low <= int(value) <= high:
-        raise ParameterError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return int(value)
 
 
 def _check_representable(plan: MergePlan) -> None:
@@ -325,12 +304,12 @@ def plan_merge(
         models=opened,
         params=glob,
         model_params=per_model,
-        scale=_finite("scale", scale),
+        scale=check_float("scale", scale),
         lines=lines,
         dtype=dtype,
-        seed=_integer("seed", seed, 0, 2**63 - 1),
+        seed=check_seed(seed),
         max_shard_bytes=parse_size(max_shard_bytes, "max_shard_bytes"),
-        chunk_elements=_integer("chunk_elements", chunk_elements, 1, 2**62),
+        chunk_elements=check_int("chunk_elements", chunk_elements, low=1, high=2**62),
         base_given=base is not None,
         raw_model_params=raw_model_params,
         schedules=schedules,
@@ -590,7 +569,8 @@ def execute_plan(
     ``out`` is checked first with :func:`layerwise._io.check_output_dir`: an existing non-empty folder is
     replaced only with ``overwrite`` and only if an earlier layerwise run created it; an input's folder
     (or one containing an input) is always refused. Every merged chunk is checked for inf/NaN before it is
-    written: the first non-finite tensor raises :class:`~layerwise.errors.ParameterError` and nothing
+    written: the first non-finite tensor raises :class:`~layerwise.errors.ParameterError`
+    (:class:`~layerwise.errors.CheckpointError` if the base's tensor already holds inf/NaN) and nothing
     appears at ``out``.
     """
     if out is None:

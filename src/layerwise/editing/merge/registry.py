@@ -53,7 +53,13 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 80
 _REPR.maxlevel = 2
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
-_r = _REPR.repr  # bounded repr of user values in error messages
+
+
+def _r(value: Any) -> str:
+    """A bounded repr for error messages (a YAML file can alias one list into a billion elements)."""
+    return _REPR.repr(value)
+
+
 _INPUTS = ("thresholds", "uniform", "gram", "base")
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..._validation import check_float, check_int, make_generator
 from ..rhm import RHM, RHMSample, one_hot
-from ..statistics import empirical_tuple_class_frequencies, relative_fluctuation
+from ..statistics import empirical_tuple_class_frequencies, relative_fluctuation, tuple_class_frequencies
 
 __all__ = [
     "default_layers",
@@ -213,8 +213,6 @@ def correlation_sample_complexity(
 
     ``P_values`` default: ``n_c m**L * 2**k`` for ``k = -4..4``. Returns a :class:`CorrelationEstimate`.
     """
-    from ..statistics import tuple_class_frequencies
-
     if P_values is None:
         base = rhm.n_c * rhm.m**rhm.L
         P_values = [max(2, round(base * 2.0**k)) for k in range(-4, 5)]
