@@ -1,7 +1,8 @@
 # layerwise developer commands. Each target creates what it needs (a local virtual environment) first.
 #   make demo   set up, then run every experiment at quick scale and write results/report.html
 #   make report-check   render results/report.html with headless Chromium to results/report.png (look at it)
-#   make test   set up, then lint, run the whole test suite and the doctests, build the docs (what CI runs)
+#   make test   set up, then lint, run the whole test suite, the doctests and the docs' code blocks, build the
+#               docs (what CI runs)
 #   make docs   build the documentation site into site/ (mkdocs build --strict: broken links fail)
 #
 # torch is installed first and pinned (constraints.txt) so that no dependency can pull a CUDA build.
@@ -17,7 +18,7 @@ PYV := $(VENV_VISION)/bin/python
 OUT ?= results
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install demo test test-main test-vision test-doctest docs lint bench clean report-check
+.PHONY: install demo test test-main test-vision test-doctest test-docs docs lint bench clean report-check
 
 install: $(VENV)/.installed
 
@@ -49,10 +50,15 @@ report-check:  # after `make demo` (or any `layerwise reproduce --out $(OUT)`)
 	@echo "look at $(OUT)/report.png"
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks examples docs/_hooks
+	$(VENV)/bin/ruff check src tests benchmarks examples docs/_hooks conftest.py
 
 test-main: install
-	$(PY) -m pytest -q tests --ignore=tests/vision
+	$(PY) -m pytest -q tests --ignore=tests/vision --ignore=tests/doc_blocks
+
+# Every fenced Python block (pytest-markdown-docs) and shell block (tests/doc_blocks) of README.md and
+# docs/, each in a scratch folder (root conftest.py); a fence marked `notest` is skipped.
+test-docs: install
+	$(PY) -m pytest -q -p no:cacheprovider --markdown-docs README.md docs tests/doc_blocks --ignore=docs/_hooks
 
 test-vision: $(VENV_VISION)/.installed
 	$(PYV) -m pytest -q tests/vision
@@ -66,7 +72,7 @@ test-doctest: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict  # not --quiet: it hides the warnings strict counts
 
-test: lint docs test-doctest test-vision test-main
+test: lint docs test-doctest test-docs test-vision test-main
 
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -63,8 +63,8 @@ def child(name: str, mode: str, steps: int, batch: int, device: str, threads: in
     import torch
 
     sys.path.insert(0, str(REPO / "src"))
-    from layerwise.editing.linearize import LinearizedModel
-    from layerwise.editing.toy_models import build_encoder
+    from layerwise.tangent.linearize import LinearizedModel
+    from layerwise.tangent.toy_models import build_encoder
 
     torch.set_num_threads(threads)
     kind, kw, size = MODELS[name]

@@ -1,6 +1,6 @@
 """Time per generated token: greedy vs M3ID (processor path, attached to the model output as
 ``m3id_generate(path="processor")`` runs it; and appended to ``logits_processor`` as before) vs M3ID
-(batched path), same process.
+(batched path) vs VCD (the same batched loop, contrast rows with the noised image), same process.
 
 Run: ``.venv/bin/python benchmarks/bench_m3id.py [--quick] [--device cuda --large]``
 
@@ -20,7 +20,13 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
-from layerwise.decoding import M3IDLogitsProcessor, m3id_custom_generate, unconditional_inputs
+from layerwise.decoding import (
+    M3IDLogitsProcessor,
+    diffusion_noise,
+    m3id_custom_generate,
+    unconditional_inputs,
+    vcd_custom_generate,
+)
 from layerwise.decoding.toy_vlm import (
     SceneSpec,
     build_processor,
@@ -77,7 +83,7 @@ def main() -> None:
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, new tokens per call: {new_tokens}")
     print(
         f"{'model':<22}{'batch':>6}{'greedy ms/tok':>15}{'processor x':>13}{'appended x':>12}"
-        f"{'batched x':>11}{'same':>8}"
+        f"{'batched x':>11}{'vcd x':>8}{'same':>8}"
     )
     sizes = [("toy (hidden 64)", 64, 2), ("wider (hidden 256)", 256, 4)]
     if args.large:
@@ -108,17 +114,26 @@ def main() -> None:
                 m3id_unconditional_attention_mask=unc["attention_mask"],
                 **kw,
             )
+            noised = diffusion_noise(inputs["pixel_values"], 500, seed=0)
+            vcd_path = partial(
+                model.generate,
+                **inputs,
+                custom_generate=vcd_custom_generate,
+                vcd_pixel_values=inputs["pixel_values"],
+                vcd_noised_pixel_values=noised,
+                **kw,
+            )
             processor_path = partial(_processor_path, model, inputs, unc, kw)
             appended = partial(_appended_processor_path, model, inputs, unc, kw)
 
             with torch.no_grad():
-                fns = [greedy, processor_path, appended, batched_path]
-                t_g, t_p, t_a, t_b = _time_interleaved(fns, repeats)
+                fns = [greedy, processor_path, appended, batched_path, vcd_path]
+                t_g, t_p, t_a, t_b, t_v = _time_interleaved(fns, repeats)
                 same = torch.equal(processor_path(), batched_path())  # the two paths' greedy tokens
             per_tok = 1000 * t_g / new_tokens
             print(
                 f"{label:<22}{batch:>6}{per_tok:>15.2f}{t_p / t_g:>13.2f}{t_a / t_g:>12.2f}{t_b / t_g:>11.2f}"
-                f"{str(same):>8}"
+                f"{t_v / t_g:>8.2f}{str(same):>8}"
             )
 
 

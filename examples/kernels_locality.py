@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
                             sampler=hypercube(8))               # inputs uniform in [0, 1]^8
     betas = {}
     for (_, student), curve in curves.items():
-        fit = curve.fit()                          # beta with a 95% bootstrap interval over seeds
+        fit = curve.fit()                          # beta with a 95% interval (jackknife over seeds)
         betas[student] = fit.beta
         print(f"student {student:>5}: test error ~ P^-beta, beta = {fit}")
     return {"beta": betas, "P": P_list}

@@ -2,7 +2,8 @@
 
 A tiny Llava-architecture model is built from a config (no download) and trained for a few steps to caption
 synthetic scenes whose objects co-occur in training; captions are decoded greedily and with M3ID, and
-scored with CHAIR (hallucinated objects). M3ID adds ``w_t (log p(y|image) - log p(y))`` to the logits when
+scored with CHAIR (hallucinated objects); VCD (contrast with a noised image) is decoded for comparison.
+M3ID adds ``w_t (log p(y|image) - log p(y))`` to the logits when
 the model is unsure, with ``w_t = exp(lambda t) - 1`` growing along the caption. Run:
 ``python examples/m3id.py`` (``--tiny`` for the test size; the real study is ``layerwise reproduce m3id``).
 Needs the ``hf`` extra. Guide: docs/guides/m3id.md.
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from PIL import Image
 
-    from layerwise.decoding import chair, m3id_generate
+    from layerwise.decoding import chair, m3id_generate, vcd_generate
     from layerwise.decoding.toy_vlm import (
         SceneSpec,
         build_processor,
@@ -50,15 +51,18 @@ def main(argv: list[str] | None = None) -> dict:
     greedy = proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     m3id = m3id_generate(model, proc, test_images, prompts, lambda_=args.lambda_, alpha=0.3,
                          max_new_tokens=12, do_sample=False, path="batched")
+    vcd = vcd_generate(model, proc, test_images, prompts, alpha=1.0, beta=0.1, noise_step=500,
+                       max_new_tokens=12, do_sample=False)
 
     truth = [s.objects for s in test]
     synonyms = {o: [o + "s"] for o in spec.objects}
-    scores = {"greedy": chair(greedy, truth, synonyms), "m3id": chair(m3id, truth, synonyms)}
+    scores = {"greedy": chair(greedy, truth, synonyms), "m3id": chair(m3id, truth, synonyms),
+              "vcd": chair(vcd, truth, synonyms)}
     for i in range(min(n_test, 4)):
-        print(f"objects {sorted(truth[i])}\n  greedy: {greedy[i]}\n  M3ID:   {m3id[i]}")
+        print(f"objects {sorted(truth[i])}\n  greedy: {greedy[i]}\n  M3ID:   {m3id[i]}\n  VCD:    {vcd[i]}")
     for name, metrics in scores.items():
         print(f"{name:>6}: CHAIR_i = {metrics['chair_i']:.3f}, CHAIR_s = {metrics['chair_s']:.3f}")
-    return {"greedy": greedy, "m3id": m3id, "chair": scores, "truth": truth}
+    return {"greedy": greedy, "m3id": m3id, "vcd": vcd, "chair": scores, "truth": truth}
 
 
 if __name__ == "__main__":

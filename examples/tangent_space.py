@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from layerwise.editing import FinetuneConfig, LinearizedModel, TaskVector, disentanglement_error, finetune
+from layerwise.editing import TaskVector
+from layerwise.tangent import FinetuneConfig, LinearizedModel, disentanglement_error, finetune
 
 
 def _task(k: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

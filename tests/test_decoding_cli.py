@@ -152,3 +152,66 @@ def test_cli_all_flags_end_to_end_change_the_output(tmp_path, capsys):
     kw = {key: value for key, value in ALL_FLAGS.values()}
     assert printed == m3id_generate(model, proc, images, prompts, max_new_tokens=8, **kw)
     assert printed != m3id_generate(model, proc, images, prompts, max_new_tokens=8)
+
+
+def _no_hub(monkeypatch):
+    """Make every transformers/hub loading entry point fail: the code under test must not reach them."""
+    import huggingface_hub
+    import transformers
+
+    def boom(*args, **kwargs):
+        raise AssertionError(f"transformers/hub was asked to load {args!r}")
+
+    for name in ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModelForMaskedLM",
+                 "AutoProcessor", "AutoTokenizer"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", boom)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", boom)
+
+
+@pytest.mark.parametrize("missing", ["path/to/mlm", "./ckpt", "../nowhere/x", "~/no-such-model-dir-xyz"])
+def test_missing_local_folder_says_folder_not_found_without_the_hub(tmp_path, monkeypatch, capsys, missing):
+    from layerwise.decoding._hf import model_source
+    from layerwise.diffusion.text import MaskedLMDenoiser
+    from layerwise.errors import InputDataError
+
+    monkeypatch.chdir(tmp_path)
+    _no_hub(monkeypatch)
+    code = main(["m3id", "generate", "--model", missing, "--prompt", "x", "--unconditional-prompt", "y"])
+    err = capsys.readouterr().err
+    assert code == 2 and "folder not found" in err and len(err.strip().splitlines()) == 1
+    assert "repo" not in err.lower() and "Traceback" not in err
+    for load in (lambda: load_for_m3id(missing), lambda: load_for_m3id(missing, vision=False),
+                 lambda: MaskedLMDenoiser.from_pretrained(missing),
+                 lambda: MaskedLMDenoiser.from_pretrained(str(tmp_path), tokenizer=missing)):
+        with pytest.raises(InputDataError, match="folder not found"):
+            load()
+    # a pathlib.Path is always local; an existing file is not a folder; a name that can only be a hub id
+    # (absent locally) is passed on unchanged, and an existing folder is accepted
+    with pytest.raises(InputDataError, match="folder not found"):
+        model_source(tmp_path / "gpt2")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(InputDataError, match="not a folder"):
+        model_source("weights.bin")
+    assert model_source("gpt2") == "gpt2" and model_source("owner/name-1.5") == "owner/name-1.5"
+    assert model_source(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize("limit, kind", [(3000, "warning"), (1000, "error")])
+def test_decompression_bomb_image_is_one_line(tmp_path, monkeypatch, capsys, limit, kind):
+    """64 x 64 = 4096 pixels: over MAX_IMAGE_PIXELS (Pillow warns) or over twice it (Pillow raises)."""
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / "big.png")
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "small.png")
+    _no_hub(monkeypatch)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    from layerwise.decoding._hf import read_rgb_image
+
+    assert read_rgb_image(tmp_path / "small.png").size == (8, 8)  # under the limit: read as usual
+    code = main(["m3id", "generate", "--model", str(tmp_path), "--image", str(tmp_path / "big.png"),
+                 "--prompt", "<image> x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "decompression bomb" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty.png").write_bytes(b"")
+    code = main(["m3id", "generate", "--model", str(tmp_path), "--image", str(tmp_path / "empty.png"),
+                 "--prompt", "<image> x"])
+    assert code == 2 and "cannot read image" in capsys.readouterr().err

@@ -154,6 +154,7 @@ def test_m3id_experiment_end_to_end(tmp_path):
         "m3id_lambda=0.3",
         "m3id_lambda=1",
         "m3id_lambda=1_cutoff=0.1",
+        "vcd",
         "m3id+dpo_greedy",
     }
     assert {r["seed"] for r in results["per_seed"]} == {0, 1}

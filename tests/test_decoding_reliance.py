@@ -113,3 +113,40 @@ def test_bad_arguments(vlm):
         visual_reliance(model, proc, images, PROMPTS, unconditional="blur")
     with pytest.raises(ValueError, match="images"):
         visual_reliance(model, proc, images[:2], PROMPTS)
+
+
+def test_kl_direction_on_a_model_where_the_image_matters(vlm):
+    """KL is symmetric to second order, so on the random model (p_c close to p_u) KL(p_c || p_u) and
+    KL(p_u || p_c) agree within the tolerance. Sharpened logits (lm_head x 40) make the two distributions far
+    apart: there the direction is checked against the reference, and the reference itself must tell the two
+    directions apart by far more than the tolerance."""
+    import copy
+
+    model, proc, images = vlm
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        sharp.lm_head.weight.mul_(40.0)
+    res = visual_reliance(sharp, proc, images, PROMPTS, max_new_tokens=STEPS, attentions=False)
+    kl, _ = _reference(sharp, proc, images, res.tokens, "drop")
+    torch.testing.assert_close(res.kl, kl, atol=1e-5, rtol=1e-4)
+    # the reversed direction, recomputed from the same reference forward passes, differs clearly
+    reversed_kl = _reference_reversed(sharp, proc, images, res.tokens)
+    assert (reversed_kl - kl).abs().max() > 0.1 and kl.max() > 0.5
+
+
+def _reference_reversed(model, proc, images, tokens):
+    """KL(p_u || p_c) row by row (drop mode), the direction visual_reliance must not compute."""
+    image_id = model.config.image_token_id
+    out = torch.empty(tokens.shape, dtype=torch.float64)
+    for i, (img, prompt) in enumerate(zip(images, PROMPTS, strict=True)):
+        single = proc(images=[img], text=[prompt], return_tensors="pt")
+        c_prompt = single["input_ids"][0]
+        for t in range(tokens.shape[1]):
+            with torch.no_grad():
+                c = model(input_ids=torch.cat([c_prompt, tokens[i, :t]])[None],
+                          pixel_values=single["pixel_values"]).logits[0, -1]
+                u_ids = torch.cat([c_prompt[c_prompt != image_id], tokens[i, :t]])
+                u = model(input_ids=u_ids[None]).logits[0, -1]
+            lc, lu = torch.log_softmax(c.double(), -1), torch.log_softmax(u.double(), -1)
+            out[i, t] = (lu.exp() * (lu - lc)).sum()
+    return out

@@ -154,3 +154,17 @@ def test_weak_last_lists_faint_partners_after_the_others():
         assert weak == sorted(weak), target  # never a salient object after a faint one
         orders.add(tuple(w for w in words if w not in spec.weak))
     assert len(orders) > 20  # the salient objects are still shuffled
+
+
+def test_spawned_seed_workers_get_one_thread_pools_and_the_parent_env_returns(monkeypatch):
+    """run_calls(workers > 1): each spawned worker sees OMP/MKL/OPENBLAS_NUM_THREADS = threads (no thread pool
+    sized to every core is created before torch.set_num_threads), and the parent's environment is restored."""
+    import os
+
+    from layerwise.experiments.m3id import run_calls
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    names = [("OMP_NUM_THREADS",), ("MKL_NUM_THREADS",), ("OPENBLAS_NUM_THREADS",)]
+    assert run_calls(os.getenv, names, workers=2, threads=1, desc="env") == ["1", "1", "1"]
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ

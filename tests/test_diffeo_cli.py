@@ -135,15 +135,22 @@ def test_experiment_runs_on_a_tiny_config(tmp_path):
 
     exp = EXPERIMENTS.get("diffeo-stability")
     config = exp.config("quick", nets=("fc", "lenet"), train_sizes=(32, 64), steps=5, n_probe=20, n_test=100,
-                        workers=1, torch_threads=1, grid_size=24, grid_steps=2)
+                        workers=1, torch_threads=1, grid_size=24, grid_steps=2, shapes_n=200, shapes_size=16)
     summary = exp.run(config, tmp_path)
-    assert len(summary["claims"]) == 4 and all(isinstance(c, Claim) for c in summary["claims"])
+    # Five claims on each of the two image sets, judged by the same rules.
+    assert len(summary["claims"]) == 10 and all(isinstance(c, Claim) for c in summary["claims"])
+    assert [c.claim[:8] for c in summary["claims"]] == ["[digits]"] * 5 + ["[shapes]"] * 5
+    assert [c.rule for c in summary["claims"][:5]] == [c.rule for c in summary["claims"][5:]]
     assert {c.system for c in summary["claims"]} == {"Diffeomorphism stability"}
-    assert isinstance(summary["tables"][0], Table) and len(summary["tables"][0].rows) == 4
+    assert isinstance(summary["tables"][0], Table) and len(summary["tables"][0].rows) == 8
     for name in summary["figures"]:
         assert (tmp_path / name).stat().st_size > 1000
-    rows = json.loads((tmp_path / "results.json").read_text())["points"]
-    assert len(rows) == 4 and all(0.2 < r["R_init"] < 5 for r in rows)
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["points"]
+    assert len(rows) == 8 and all(0.2 < r["R_init"] < 5 for r in rows)
+    # The in-support control: digits live in <= 64 directions of the 256 pixels, the shapes in many more.
+    assert 1 <= data["support_rank"]["digits"] <= 64 < data["support_rank"]["shapes"]
+    assert all(r["D"] > 0 and r["G_sup"] > 0 and r["R_sup"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize(("extra", "named"), [(["--device", "foo"], "device"),

@@ -179,3 +179,15 @@ def test_bad_input_names_the_parameter():
     with pytest.raises(ParameterError, match="deformed"):
         matched_noise(x, x[:1], seed=0)
     assert sample_coefficients(0, 3, 1e-3, seed=0).shape == (0, 2, 3, 3)
+
+
+def test_random_diffeo_rounds_integer_images_to_nearest():
+    """uint8 input: the result is the float deformation (same draws) rounded to the nearest integer and
+    clamped to [0, 255]; truncation would be off by one on about half of the pixels."""
+    img = (torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).round().to(torch.uint8)
+    out = RandomDiffeo(c=3, T=2e-3, generator=7)(img)
+    exact = RandomDiffeo(c=3, T=2e-3, generator=7)(img.to(torch.float32))  # the same fields
+    assert out.dtype == torch.uint8
+    assert torch.equal(out, exact.round().clamp(0, 255).to(torch.uint8))
+    frac = exact - exact.floor()
+    assert float((frac > 0.5).double().mean()) > 0.2  # many pixels where rounding and truncation differ

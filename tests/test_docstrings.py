@@ -14,9 +14,9 @@ import pytest
 
 SUBPACKAGES = [
     "layerwise.hierarchy", "layerwise.hierarchy.learning", "layerwise.diffusion", "layerwise.kernels",
-    "layerwise.diffeo", "layerwise.editing", "layerwise.editing.merge", "layerwise.decoding",
-    "layerwise.sweep", "layerwise.experiments", "layerwise.experiments.claims", "layerwise.errors",
-    "layerwise.report",
+    "layerwise.diffeo", "layerwise.editing", "layerwise.editing.merge", "layerwise.tangent",
+    "layerwise.decoding", "layerwise.sweep", "layerwise.experiments", "layerwise.experiments.claims",
+    "layerwise.errors", "layerwise.report",
 ]
 
 

@@ -93,8 +93,8 @@ def test_world_linear_combinations_are_exact_and_splits_disjoint():
         )
     )
     # f_lin(theta0 + a tau1 + b tau2) from cached jvps equals a direct LinearizedModel evaluation
-    from layerwise.editing.linearize import LinearizedModel
     from layerwise.editing.task_vector import TaskVector
+    from layerwise.tangent.linearize import LinearizedModel
 
     t1, t2 = w.tau("linearized", "rot90"), w.tau("linearized", "stripes")
     combo = TaskVector.from_tensors({k: 0.7 * t1[k] - 0.4 * t2[k] for k in t1})

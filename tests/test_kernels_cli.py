@@ -120,3 +120,112 @@ def test_curve_config_errors_name_the_key(tmp_path, capsys):
     cfg.write_text(CONFIG.replace("s: 2, sigma: 2.0}\nstudents", "s: 9, sigma: 2.0}\nstudents"))
     assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "s must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--kind", "full"], ["--kind", "full", "--base", "ntk_relu"],
+                                  ["--kind", "local", "--s", "2"], ["--kind", "conv", "--s", "2",
+                                                                     "--base", "nngp_relu"],
+                                  ["--kind", "hierarchical", "--filters", "4,4"]])
+def test_gram_of_huge_finite_inputs_is_an_error_naming_the_cause(tmp_path, capsys, args):
+    # 1e300 is finite, but its square overflows float64: the Gram matrix used to be all NaN, exit 0.
+    X = np.full((4, 16), 1e300)
+    X[1] *= -1
+    np.save(tmp_path / "X.npy", X)
+    out = tmp_path / "K.npy"
+    assert main(["kernels", "gram", *args, "--data", str(tmp_path / "X.npy"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "too large" in err and "1e+300" in err and "rescale" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_gram_refuses_a_matrix_that_cannot_fit_with_the_estimate(tmp_path, capsys, monkeypatch):
+    # 200000 points: the float64 Gram matrix alone is 200000^2 * 8 B = 320 GB. Memory is faked small so
+    # that the test does not depend on the machine.
+    import layerwise._resources as resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda device=None: 8 * 10**9)
+    np.save(tmp_path / "X.npy", np.zeros((200000, 2)))
+    out = tmp_path / "K.npy"
+    assert main(["kernels", "gram", "--kind", "full", "--data", str(tmp_path / "X.npy"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "320 GB" in err and "200000 x 200000" in err and not out.exists()
+
+
+@pytest.mark.parametrize("change", ["P: [8, 16, 10000000]", "n_test: 100000000"])
+def test_curve_refuses_sizes_that_cannot_fit(tmp_path, capsys, change, monkeypatch):
+    import layerwise._resources as resources
+
+    monkeypatch.setattr(resources, "available_memory", lambda device=None: 64 * 10**9)
+    key = change.split(":")[0]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("\n".join(change if line.startswith(f"{key}:") else line for line in CONFIG.splitlines()))
+    assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "learning curve with max(P)" in err and " PB" in err  # 2.4 PB and 240 PB
+    assert not (tmp_path / "o").exists()
+
+
+def test_curve_refuses_a_seed_loop_over_the_time_limit(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    seeds = ", ".join(str(s) for s in range(100000))
+    cfg.write_text(CONFIG.replace("seeds: [0, 1]", f"seeds: [{seeds}]") + "max_hours: 0.0001\n")
+    assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "100000 seeds would take about" in err and "max_hours" in err
+    # The same limit lets a short run through.
+    cfg.write_text(CONFIG + "max_hours: 0.0001\n")
+    assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "o")]) == 0
+    cfg.write_text(CONFIG + "max_hours: -1\n")
+    assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "p")]) == 2
+    assert "max_hours" in capsys.readouterr().err
+
+
+_CHILD = """
+import signal, sys
+# A shell that starts jobs in the background makes them ignore SIGINT; restore Ctrl-C's behaviour.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from layerwise.cli import main
+sys.exit(main(["kernels", "curve", {cfg!r}, "--out", {out!r}]))
+"""
+
+SLOW_CONFIG = CONFIG.replace("P: [8, 16, 32]", "P: [32, 64, 128, 256]").replace("n_test: 32", "n_test: 256") \
+    .replace("seeds: [0, 1]", "seeds: [" + ", ".join(str(s) for s in range(400)) + "]")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_interrupted_curve_leaves_nothing_that_looks_finished_and_reruns_identically(tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, out = tmp_path / "c.yaml", tmp_path / "run"
+    cfg.write_text(SLOW_CONFIG)
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(cfg=str(cfg), out=str(out))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "learning curve" not in seen and proc.poll() is None:  # the progress bar: seeds are running
+            seen += proc.stderr.read(1)
+        assert proc.poll() is None, f"finished before the interrupt: {seen!r}"
+        time.sleep(0.5)
+        os.kill(proc.pid, getattr(signal, sig))
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == (130 if sig == "SIGINT" else -signal.SIGKILL)
+    # Nothing under the output name: only (for SIGKILL, possibly) a hidden temporary folder.
+    assert not out.exists()
+    assert all(p.name.startswith(".") for p in tmp_path.iterdir() if p.name not in {"c.yaml"})
+    # The rerun succeeds into the same folder and gives the numbers of an uninterrupted run.
+    short = tmp_path / "short.yaml"
+    short.write_text(SLOW_CONFIG.replace("seeds: [" + ", ".join(str(s) for s in range(400)) + "]",
+                                         "seeds: [0, 1, 2]"))
+    assert main(["kernels", "curve", str(short), "--out", str(out)]) == 0
+    assert main(["kernels", "curve", str(short), "--out", str(tmp_path / "fresh")]) == 0
+    assert (out / "curves.csv").read_text() == (tmp_path / "fresh" / "curves.csv").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))]

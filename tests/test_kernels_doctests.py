@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["", ".base", ".local", ".hierarchical", ".regression", ".curves", ".data", ".spec"]
+MODULES = ["", ".base", ".local", ".hierarchical", ".regression", ".curves", ".data", ".spec",
+           ".spectral_theory"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -112,3 +112,25 @@ def test_grf_works_with_a_spec_kernel_and_rejects_bad_n_fields():
     assert gaussian_random_field(k, X, 2, seed=0).shape == (10, 2)
     with pytest.raises(ParameterError, match="n_fields"):
         gaussian_random_field(k, X, 0)
+
+
+def test_cholesky_factor_adds_the_smallest_working_jitter():
+    from layerwise.kernels.regression import cholesky_solve_factor
+
+    # A rank-3 PSD matrix of size 8 (exactly singular): the plain factorisation fails, and a jitter of
+    # eps * mean(diag) with eps in (1e-14, ..., 1e-8) must be found, with L L^T = K + jitter I.
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 3, generator=gen, dtype=torch.float64)
+    K = A @ A.T
+    L, jitter = cholesky_solve_factor(K)
+    scale = float(K.diagonal().mean())
+    assert L is not None and 0 < jitter <= 1e-8 * scale
+    assert any(jitter == pytest.approx(eps * scale, rel=1e-12) for eps in (1e-14, 1e-12, 1e-10, 1e-8))
+    torch.testing.assert_close(L @ L.T, K + jitter * torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-12)
+    # and a positive-definite matrix needs none
+    L, jitter = cholesky_solve_factor(K + torch.eye(8, dtype=torch.float64))
+    assert jitter == 0.0
+    # The duplicated-points regression of the test above takes the jitter route, not the lstsq fallback.
+    X, y = _data(30)
+    model = KernelRegressor(KERNEL).fit(torch.cat([X, X[:5]]), torch.cat([y, y[:5]]))
+    assert model.solver_ == "cholesky" and 0 < model.jitter_ <= 1e-8 * 1.0

@@ -5,7 +5,10 @@ reserves the text after the colon for a type. Read literally, every description 
 column. For the rendered reference only (the source is unchanged), this extension moves such a line's text
 into the description (the type then comes from the signature's annotation), and keeps the standard
 two-line form (``name : type`` followed by an indented description) as it is. It also turns Sphinx roles
-(``:class:`~a.B```) into code spans, which Markdown renders.
+(``:class:`~a.B```) into code spans, which Markdown renders, and fences every doctest (a ``>>>`` line up
+to the next blank line) as a ``pycon`` code block with its ``# doctest:`` flags removed: Markdown would
+otherwise read ``>>>`` as three nested block quotes (griffe recognises doctests only under a plural
+``Examples`` heading; layerwise's docstrings also use ``Example`` and bare module-level examples).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from griffe import Extension
 _SECTIONS = {"parameters", "other parameters", "attributes"}
 _ENTRY = re.compile(r"^(\*{0,2}[A-Za-z_][\w, *]*?) : (.+)$")
 _ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):`(~?)([^`]+)`")
+_DOCTEST_FLAGS = re.compile(r"\s*#\s*doctest:\s*[+-]\w+(?:\s*,\s*[+-]\w+)*\s*$")
 
 
 def _role(match: re.Match) -> str:
@@ -25,9 +29,35 @@ def _role(match: re.Match) -> str:
     return f"`{target.rsplit('.', 1)[-1] if match.group(1) else target}`"
 
 
+def fence_doctests(lines: list[str]) -> list[str]:
+    """``lines`` with each doctest (from a ``>>>`` line to the next blank line) inside a ``pycon`` fence."""
+    out: list[str] = []
+    in_fence = False
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.lstrip()
+        if stripped.startswith(("```", "~~~")):
+            in_fence = not in_fence
+        if in_fence or not stripped.startswith(">>>"):
+            out.append(line)
+            i += 1
+            continue
+        indent = line[: len(line) - len(stripped)]
+        block = []
+        while i < len(lines) and lines[i].strip() and lines[i].startswith(indent):
+            block.append(indent + _DOCTEST_FLAGS.sub("", lines[i][len(indent):]))
+            i += 1
+        if out and out[-1].strip():
+            out.append("")
+        out += [indent + "```pycon", *block, indent + "```"]
+    return out
+
+
 def rewrite(text: str) -> str:
-    """The docstring ``text`` with one-line parameter descriptions moved out of the type slot."""
-    lines = _ROLE.sub(_role, text).split("\n")
+    """The docstring ``text`` with one-line parameter descriptions moved out of the type slot and every
+    doctest fenced as code."""
+    lines = fence_doctests(_ROLE.sub(_role, text).split("\n"))
     out: list[str] = []
     section = None
     for i, line in enumerate(lines):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -27,6 +28,8 @@ __all__ = [
     "check_output_dir",
     "check_output_file",
     "is_temporary_name",
+    "read_npy",
+    "read_yaml",
     "write_json",
     "write_csv",
     "save_figure",
@@ -67,6 +70,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 OUTPUT_MARKER = ".layerwise-output"
 """Name of the small JSON file that marks a folder as created by layerwise (see :func:`atomic_directory`)."""
 
+_MARKER_NEW = OUTPUT_MARKER + ".new"  # the marker being rewritten (see _drop_writer)
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(?P<kind>tmp|old)$")
 
 
@@ -91,26 +95,79 @@ def _write_marker(folder: Path, info: Mapping[str, Any]) -> None:
     (folder / OUTPUT_MARKER).write_text(text + "\n", encoding="utf-8")
 
 
-def _manifest(folder: Path) -> dict[str, int]:
-    """``{relative path: size in bytes}`` of every file under ``folder`` (the marker excluded)."""
+_HASHES: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: a folder checked twice is read once
+
+
+def _sha256(p: Path) -> str:
+    """sha256 of a file's bytes (of the target text for a symbolic link), in hex."""
+    st = p.lstat()
+    if p.is_symlink():
+        return hashlib.sha256(os.readlink(p).encode("utf-8", "surrogateescape")).hexdigest()
+    key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def _listing(folder: Path) -> dict[str, Path]:
+    """``{relative path: path}`` of every file under ``folder`` (the marker excluded; links not followed)."""
     out = {}
     for root, dirs, files in os.walk(folder):  # links to folders are listed (in dirs), not followed
         for f in files + [d for d in dirs if (Path(root) / d).is_symlink()]:
             p = Path(root) / f
             rel = p.relative_to(folder).as_posix()
-            if rel != OUTPUT_MARKER:
-                out[rel] = p.lstat().st_size
+            if rel not in (OUTPUT_MARKER, _MARKER_NEW):
+                out[rel] = p
     return out
 
 
-def _foreign_files(folder: Path) -> list[str] | None:
-    """Files under ``folder`` that layerwise did not write there: None when the folder has no valid marker
-    (nothing in it is known to be ours); ``[]`` when every file is listed, with its size, in the marker."""
+def _drop_writer(folder: Path) -> None:
+    """Rewrite the marker of a finished output without the writer's pid and host (atomically), so that two
+    runs writing the same files give byte-identical folders and no host name ships with the output."""
+    marker = _read_marker(folder)
+    if marker is None:
+        return
+    info = {k: v for k, v in marker.items() if k not in ("created_by", "pid", "host")}
+    new = folder / _MARKER_NEW
+    new.write_text(json.dumps({"created_by": "layerwise", **info}, indent=1, sort_keys=True) + "\n",
+                   encoding="utf-8")
+    os.replace(new, folder / OUTPUT_MARKER)
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size": bytes, "sha256": hex}}`` of the files under ``folder`` (marker excluded)."""
+    return {rel: {"size": p.lstat().st_size, "sha256": _sha256(p)} for rel, p in _listing(folder).items()}
+
+
+def _unchanged(p: Path, entry: Any) -> bool:
+    """True when the file ``p`` still has the size and sha256 recorded for it in a marker."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+        return False
+    try:
+        return p.lstat().st_size == entry.get("size") and _sha256(p) == entry["sha256"]
+    except OSError:
+        return False
+
+
+_UNVERIFIABLE = "unverifiable"
+
+
+def _foreign_files(folder: Path) -> list[str] | str | None:
+    """Files under ``folder`` that layerwise did not write there, or that changed since: None when the
+    folder has no valid marker (nothing in it is known to be ours); ``"unverifiable"`` when the marker was
+    written by an older layerwise that recorded sizes but no content hashes; ``[]`` when every file is listed
+    in the marker with its size and sha256 and still has them."""
     marker = _read_marker(folder)
     if marker is None or not isinstance(marker.get("files"), dict):
         return None
     listed = marker["files"]
-    return sorted(rel for rel, size in _manifest(folder).items() if listed.get(rel) != size)
+    if any(not isinstance(v, dict) or not isinstance(v.get("sha256"), str) for v in listed.values()):
+        return _UNVERIFIABLE
+    return sorted(rel for rel, p in _listing(folder).items() if not _unchanged(p, listed.get(rel)))
 
 
 def _replaceable(path: Path) -> str | None:
@@ -129,11 +186,17 @@ def _replaceable(path: Path) -> str | None:
             f"{path} is a non-empty folder that layerwise did not create (no {OUTPUT_MARKER} file); "
             "refusing to replace it: choose a new or empty folder"
         )
+    if foreign == _UNVERIFIABLE:
+        return (
+            f"{path} was written by an older layerwise whose {OUTPUT_MARKER} file records no content "
+            "hashes, so it cannot be verified that its files are unchanged; refusing to replace it: delete "
+            "it yourself or choose a new folder"
+        )
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         return (
-            f"{path} holds files layerwise did not write ({shown}); refusing to replace it: move them "
-            "away or choose a new folder"
+            f"{path} holds files layerwise did not write or that changed since ({shown}); refusing to "
+            "replace it: move them away or choose a new folder"
         )
     return None
 
@@ -185,7 +248,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     Only what layerwise created is ever replaced: ``path`` must be missing, an empty folder, or a folder
     written by an earlier ``atomic_directory`` whose files are all still as written (the folder carries a
-    :data:`OUTPUT_MARKER` file listing them with their sizes). Anything else raises
+    :data:`OUTPUT_MARKER` file listing them with their sizes and sha256 content hashes; a marker without
+    hashes, from an older layerwise, cannot be verified and is refused). Anything else raises
     :class:`~layerwise.errors.OutputPathError` before the block runs, and again just before the rename.
 
     An existing ``path`` is moved aside first and deleted only after the new folder is in place. If the
@@ -205,7 +269,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     try:
         _write_marker(tmp, {"pid": os.getpid(), "host": socket.gethostname(), "state": "being written"})
         yield tmp
-        _write_marker(tmp, {"files": _manifest(tmp)})
+        # the writer's pid and host stay in the marker until the rename, so that a run killed between here
+        # and the rename leaves a folder the next run can recognise as abandoned and delete
+        writer = {"pid": os.getpid(), "host": socket.gethostname()}
+        _write_marker(tmp, {**writer, "files": _manifest(tmp)})
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp folders are owner-only
         problem = _replaceable(path)
         if problem:
@@ -216,6 +283,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             old.rmdir()
             os.replace(path, old)
         os.replace(tmp, path)
+        _drop_writer(path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -265,8 +333,10 @@ def check_output_dir(
         The output folder the command will create (or replace as a whole).
     overwrite : bool
         Allow replacing a non-empty ``out`` that an earlier layerwise run created (it carries the
-        :data:`OUTPUT_MARKER` file and holds only the files that run wrote). A folder that layerwise did
-        not create, or one where files were added or changed since, is refused even with ``overwrite``.
+        :data:`OUTPUT_MARKER` file and holds only the files that run wrote, each with the sha256 recorded
+        in the marker). A folder that layerwise did not create, one where files were added or changed since
+        (even keeping their size), or one whose marker records no hashes, is refused even with
+        ``overwrite``.
     inputs : sequence of paths
         Files or folders the command reads (checkpoints, configs, data). ``out`` may not be an input,
         an input's folder, or a folder containing an input, whatever ``overwrite`` says. Entries that are not
@@ -318,6 +388,9 @@ def check_output_dir(
     _check_against_inputs(path, inputs, what, out)
     if collection:
         return path
+    # a run killed between its two renames left the earlier output set aside (.NAME.xxxxxxxx.old): put it
+    # back first, so that --overwrite is asked for exactly as if the kill had not happened
+    _clean_leftovers(path)
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise OutputPathError(
@@ -415,3 +488,82 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
     return Path(path)
+
+
+def read_npy(path: str | os.PathLike, *, what: str = "data") -> Any:
+    """Read a ``.npy`` file safely: a numeric numpy array in native byte order, or a one-line error.
+
+    Pickles are never loaded (``allow_pickle=False``). Every way the file can be unusable (missing, a
+    folder, empty (0 bytes), not a ``.npy`` (an ``.npz`` archive, text), truncated, object or string dtype)
+    raises :class:`~layerwise.errors.InputDataError` naming ``what`` and the path.
+
+    Parameters
+    ----------
+    path : path
+        The ``.npy`` file.
+    what : str
+        What the file is, for the error message (e.g. ``"--data"``).
+
+    Returns
+    -------
+    numpy.ndarray
+        The array (bool, integer or floating dtype), C-contiguous.
+    """
+    import numpy as np
+
+    from .errors import InputDataError
+
+    p = Path(path)
+    if not p.exists():
+        raise InputDataError(f"{what} {p}: file not found")
+    if not p.is_file():
+        raise InputDataError(f"{what} {p} is not a file")
+    if p.stat().st_size == 0:
+        raise InputDataError(f"{what} {p} is empty (0 bytes), not a .npy array")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, TypeError, EOFError) as err:
+        raise InputDataError(f"{what} {p} cannot be read as a .npy array: {err}") from None
+    if not isinstance(arr, np.ndarray):  # np.load opens .npz archives too
+        if hasattr(arr, "close"):
+            arr.close()
+        raise InputDataError(f"{what} {p} is a .npz archive, not a .npy array; save one array with np.save")
+    if arr.dtype.kind not in "biuf":
+        raise InputDataError(f"{what} {p} holds dtype {arr.dtype}, not numbers (bool, int or float)")
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+
+
+def read_yaml(path: str | os.PathLike, *, what: str = "config") -> Any:
+    """Read a YAML file with ``yaml.safe_load``; every failure is one :class:`~layerwise.errors.ConfigError`.
+
+    Missing file, a folder, bytes that are not UTF-8, invalid YAML, values the YAML constructors refuse
+    (``seed: 2001-13-45``) and nesting deep enough to exhaust Python's recursion limit all give one line that
+    starts with the path.
+
+    Parameters
+    ----------
+    path : path
+        The YAML file.
+    what : str
+        What the file is, for the "not found" message.
+
+    Returns
+    -------
+    Any
+        What the document holds (a mapping, a list, a scalar or None).
+    """
+    import yaml
+
+    from .errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p}: file not found" if not p.exists() else f"{what} {p} is not a file")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not a UTF-8 text file: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not valid YAML: nested too deeply") from None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as err:  # the constructors raise these too
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(err).split())}") from None

@@ -19,6 +19,7 @@ The page needs no JavaScript and no network, and prints.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import re
@@ -33,7 +34,7 @@ from .experiments._results import ReportParts, read_parts
 from .experiments.claims import SYSTEMS, VERDICTS, Claim, Table
 
 __all__ = ["ExperimentResult", "ScoreRow", "NOT_RUN", "NOT_BUILT", "NO_CLAIMS", "load_results", "scorecard",
-           "order_sections", "render_report", "build_report", "run_times"]
+           "order_sections", "render_report", "build_report", "check_report_target", "run_times"]
 
 NOT_RUN = "not run"
 NOT_BUILT = "not built"
@@ -124,7 +125,7 @@ class ScoreRow:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deeply
         return None
 
 
@@ -390,14 +391,49 @@ def _png_width(data: bytes) -> int | None:
     return int.from_bytes(data[16:20], "big")
 
 
-def _figure_html(path: Path, caption: str) -> str:
+# magic bytes of the image formats a figure may have, and their MIME type
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+                (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"))
+MAX_FIGURE_BYTES = 50 * 2**20
+"""Largest figure file embedded in report.html (bytes); a larger one is listed as too large."""
+
+
+def _image_mime(data: bytes) -> str | None:
+    """The MIME type of ``data`` from its magic bytes (PNG, JPEG, GIF), or None when it is not one of them."""
+    for magic, mime in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return mime
+    return None
+
+
+def _figure_html(folder: Path, name: str, caption: str) -> str:
+    """A figure of the experiment folder ``folder``, embedded as a ``data:`` URI.
+
+    Only an image file (PNG, JPEG or GIF by its magic bytes) that lies inside ``folder`` once symbolic links
+    are resolved is embedded: a name from claims.json pointing elsewhere (an absolute path, ``..``, a link
+    out of the folder) or at a file that is not an image is listed as refused, never read into the page.
+    """
+    shown = _e(Path(name).name or name)
+    try:
+        root = folder.resolve(strict=True)
+        path = (folder / name).resolve(strict=True)
+    except (OSError, RuntimeError, ValueError):  # missing, a link loop, a NUL in the name
+        return f'<p class="muted">figure {shown} is missing from the results folder.</p>'
+    if path != root and root not in path.parents:
+        return f'<p class="muted">figure {shown} is not inside the experiment folder; not embedded.</p>'
     if not path.is_file():
-        return f'<p class="muted">figure {_e(path.name)} is missing from the results folder.</p>'
+        return f'<p class="muted">figure {shown} is missing from the results folder.</p>'
+    if path.stat().st_size > MAX_FIGURE_BYTES:
+        return (f'<p class="muted">figure {shown} is larger than {MAX_FIGURE_BYTES >> 20} MiB; '
+                "not embedded.</p>")
     raw = path.read_bytes()
+    mime = _image_mime(raw)
+    if mime is None:
+        return f'<p class="muted">figure {shown} is not a PNG, JPEG or GIF image; not embedded.</p>'
     width = _png_width(raw)
     half = " half" if width is not None and width <= 900 else ""  # two narrow figures side by side
     data = base64.b64encode(raw).decode("ascii")
-    return (f'<figure class="fig{half}"><img alt="{_e(path.name)}" src="data:image/png;base64,{data}">'
+    return (f'<figure class="fig{half}"><img alt="{shown}" src="data:{mime};base64,{data}">'
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
@@ -439,7 +475,7 @@ def _section(result: ExperimentResult, registry: Any, out_dir: str) -> str:
     names = list(captions) + [n for n in pngs if n not in captions]
     if names:
         out.append('<h3>Figures</h3><div class="figs">'
-                   + "".join(_figure_html(result.folder / n, captions.get(n, n)) for n in names) + "</div>")
+                   + "".join(_figure_html(result.folder, n, captions.get(n, n)) for n in names) + "</div>")
     config = result.config.get("config", result.config)
     prov = {k: v for k, v in run.items() if k not in ("experiment",)}
     out.append(
@@ -481,9 +517,65 @@ def render_report(results: Sequence[ExperimentResult], registry: Any = None,
     )
 
 
+REPORT_NAME = "report.html"
+_SIGNATURE = re.compile(rb"\n<!-- layerwise-report sha256=([0-9a-f]{64}) -->\n\Z")
+
+
+def _signed(page: str) -> bytes:
+    """``page`` as UTF-8 followed by a last line holding the sha256 of everything before it."""
+    body = page.encode("utf-8")
+    return body + f"\n<!-- layerwise-report sha256={hashlib.sha256(body).hexdigest()} -->\n".encode("ascii")
+
+
+def _is_own_report(path: Path) -> bool:
+    """True when ``path`` is a report.html that layerwise wrote and nobody changed since (its last line holds
+    the sha256 of the rest of the file)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    m = _SIGNATURE.search(data)
+    return m is not None and hashlib.sha256(data[: m.start()]).hexdigest() == m.group(1).decode("ascii")
+
+
+def check_report_target(out_dir: str | Path) -> Path:
+    """Check that ``out_dir/report.html`` may be (re)written; return its path.
+
+    It may be written when it does not exist, or when it is a report that layerwise wrote and that is
+    unchanged since: every page ends with a comment holding the sha256 of the rest of the file, so a file of
+    the user's (or a report edited by hand, or one written by a layerwise older than this check, which cannot
+    be verified) is never replaced.
+
+    Raises
+    ------
+    OutputPathError
+        One line naming the file: it is a folder or a symbolic link, or not layerwise's own unchanged output.
+    """
+    from .errors import OutputPathError
+
+    target = Path(out_dir) / REPORT_NAME
+    if target.is_symlink():
+        raise OutputPathError(f"{target} is a symbolic link; refusing to replace it: remove it or give "
+                              "another folder")
+    if not target.exists():
+        return target
+    if not target.is_file():
+        raise OutputPathError(f"{target} exists and is not a file; refusing to replace it: move it away")
+    if not _is_own_report(target):
+        raise OutputPathError(
+            f"{target} exists and is not an unchanged report written by layerwise (a file of yours, an "
+            "edited report, or one from an older layerwise that cannot be verified); refusing to replace it: "
+            "move it away or give another folder"
+        )
+    return target
+
+
 def build_report(out_dir: str | Path, title: str = "layerwise: reproduction report",
                  registry: Any = None) -> Path:
     """Write ``out_dir/report.html`` from the experiment folders found in ``out_dir``; return its path.
+
+    An existing ``report.html`` is replaced only when it is layerwise's own unchanged output (see
+    :func:`check_report_target`).
 
     Parameters
     ----------
@@ -497,17 +589,20 @@ def build_report(out_dir: str | Path, title: str = "layerwise: reproduction repo
         ``out_dir`` is not a folder.
     ValueError
         ``out_dir`` holds no experiment results.
+    OutputPathError
+        ``out_dir/report.html`` exists and is not layerwise's own unchanged output.
     """
     path = Path(out_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"out_dir {str(out_dir)!r} is not a folder")
+    check_report_target(path)
     results = load_results(path)
     if not results:
         raise ValueError(f"no experiment results (<name>/summary.json) found in {str(out_dir)!r}")
     page = render_report(results, registry, title, out_dir=str(out_dir))
-    target = path / "report.html"
+    target = check_report_target(path)  # again, right before replacing it
     with atomic_path(target) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+        tmp.write_bytes(_signed(page))
     return target
 
 

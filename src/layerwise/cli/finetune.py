@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fine-tune an image encoder per task (non-linear or in the tangent space) from YAML",
         description="Fine-tune a CLIP image encoder (or a built-in toy model) on each task of CONFIG under "
         "the task's frozen zero-shot head, non-linearly and/or linearized, and write safetensors checkpoints "
-        "plus ready merge configs into OUT (atomically). See layerwise.editing.workflow for the format.",
+        "plus ready merge configs into OUT (atomically). See layerwise.tangent.workflow for the format.",
         allow_abbrev=False,
     )
     p.add_argument("config", help="YAML fine-tuning config")
@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .._io import check_output_dir
-    from ..editing.workflow import load_finetune_job, run_finetune_job
+    from ..tangent.workflow import load_finetune_job, run_finetune_job
 
     job = load_finetune_job(args.config)
     inputs = [args.config, *(p for t in job.tasks for p in (t.train, t.val) if p is not None)]

@@ -51,7 +51,7 @@ def _gram(args: argparse.Namespace) -> int:
     import torch
 
     from .._io import atomic_path, check_output_file
-    from ..errors import InputDataError, ParameterError
+    from ..errors import ParameterError
     from ..hierarchy._device import resolve_device
     from ..kernels import make_kernel
 
@@ -77,14 +77,10 @@ def _gram(args: argparse.Namespace) -> int:
     kernel = make_kernel(spec)
     device = resolve_device(args.device)
 
-    def load(path: str):
-        try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
-        except (OSError, ValueError, TypeError) as err:
-            raise InputDataError(f"cannot read {path} as a .npy array: {err}") from None
+    from .._io import read_npy
 
-    X = load(args.data).to(device)
-    Y = None if args.data2 is None else load(args.data2).to(device)
+    X = torch.from_numpy(read_npy(args.data, what="data")).to(device)
+    Y = None if args.data2 is None else torch.from_numpy(read_npy(args.data2, what="--data2")).to(device)
     K = kernel(X, Y, dtype=getattr(torch, args.dtype), block_size=args.block_size)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as fh:
@@ -94,18 +90,11 @@ def _gram(args: argparse.Namespace) -> int:
 
 
 def _curve(args: argparse.Namespace) -> int:
-    import yaml
-
-    from .._io import atomic_directory, check_output_dir, write_json
-    from ..errors import ConfigError
+    from .._io import atomic_directory, check_output_dir, read_yaml, write_json
     from ..kernels import learning_curve
     from ..kernels.config import parse_curve_config, save_curves
 
-    try:
-        with open(args.config, encoding="utf-8") as fh:
-            cfg = yaml.safe_load(fh)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{args.config} is not valid YAML: {err}") from None
+    cfg = read_yaml(args.config, what="curve config")
     kwargs = parse_curve_config(cfg)
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.config])
     curves = learning_curve(**kwargs, progress=True)

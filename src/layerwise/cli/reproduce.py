@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from .._io import check_output_dir
     from ..experiments import EXPERIMENTS, run_experiment
-    from ..report import build_report, run_times
+    from ..report import build_report, check_report_target, run_times
 
     if args.list:
         for name in EXPERIMENTS.names():
@@ -87,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, overwrite=True, collection=True)
     for name in names:
         check_output_dir(out / name, overwrite=True)
+    check_report_target(out)  # never run for hours and then refuse to write the report
     with sweep_options(**sweep):
         for name in tqdm(names, desc="experiments", unit="exp"):
             tqdm.write(f"[layerwise] running {name} ({args.scale}) -> {args.out}/{name}/")

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from ..errors import MissingExtraError
+from ..errors import InputDataError, MissingExtraError
 
-__all__ = ["require", "cache_kwarg", "forward_step", "positions_from_mask", "output_cache"]
+__all__ = ["require", "cache_kwarg", "forward_step", "positions_from_mask", "output_cache", "model_source",
+           "read_rgb_image"]
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -26,6 +27,60 @@ def require(module: str, extra: str) -> ModuleType:
         raise MissingExtraError(
             f"{module} is needed here; install it with `pip install 'layerwise[{extra}]'`"
         ) from err
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when ``name`` cannot be a Hugging Face repo id (``name`` or ``owner/name``): it is a path."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.endswith("/") or name.count("/") > 1:
+        return True
+    return any(not part or not all(c.isalnum() or c in "-_." for c in part) for part in name.split("/"))
+
+
+def model_source(path: Any, what: str = "model") -> str:
+    """``path`` checked before transformers sees it: an existing local folder (returned as given), or a
+    string that can only be a hub repo id (``name`` or ``owner/name``, not present locally).
+
+    A local path that does not exist (``./ckpt``, ``path/to/mlm``, ``/abs/dir``, ``~/x``) raises
+    InputDataError "folder not found" without any network access; an existing file that is not a folder
+    raises too.
+    """
+    import os
+    from pathlib import Path
+
+    if not isinstance(path, str | os.PathLike) or not str(path).strip():
+        raise InputDataError(f"{what} must be a folder path or a hub id, got {path!r}")
+    name = str(path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return name
+    if local.exists():
+        raise InputDataError(f"{what} {name!r} is a file, not a folder (the folder save_pretrained wrote)")
+    if isinstance(path, os.PathLike) or _looks_like_path(name):
+        raise InputDataError(f"{what} folder not found: {name!r} (no such local folder; not a hub id)")
+    return name
+
+
+def read_rgb_image(path: Any) -> Any:
+    """A PIL RGB image from ``path``; a missing or unreadable file, or one over Pillow's decompression-bomb
+    limit (``PIL.Image.MAX_IMAGE_PIXELS``; both the warning and the error), raises InputDataError."""
+    import warnings
+    from pathlib import Path
+
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputDataError(f"image {str(path)!r} does not exist or is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputDataError(f"image {str(path)!r} is too large to decode safely (a decompression bomb?): "
+                             f"{err}") from None
+    except OSError as err:
+        raise InputDataError(f"cannot read image {str(path)!r}: {err}") from None
 
 
 _FORWARD_INFO: dict[type, tuple[str, bool]] = {}

@@ -29,7 +29,7 @@ from ..errors import ParameterError, ParameterTypeError
 from ._hf import forward_step, positions_from_mask, require
 from .m3id import M3IDLogitsProcessor, check_m3id_params, check_plausibility, m3id_scores
 
-__all__ = ["unconditional_inputs", "m3id_custom_generate", "m3id_generate", "left_pad"]
+__all__ = ["unconditional_inputs", "m3id_custom_generate", "m3id_generate", "left_pad", "contrastive_loop"]
 
 PATHS = ("processor", "batched")
 UNCONDITIONAL_MODES = ("drop", "mask")
@@ -113,38 +113,83 @@ def m3id_custom_generate(
     """
     lambda_, alpha, t0, max_weight = check_m3id_params(m3id_lambda, m3id_alpha, m3id_t0, m3id_max_weight)
     plausibility = check_plausibility(m3id_plausibility)
-    if getattr(generation_config, "num_beams", 1) > 1:
-        raise ParameterError(
-            f"M3ID supports greedy decoding and sampling only, got num_beams={generation_config.num_beams}"
-        )
     if m3id_unconditional_ids is None:
         raise ParameterError("m3id_unconditional_ids is required (the condition-free prompt)")
+
+    def rule(cond: torch.Tensor, other: torch.Tensor, t: int) -> torch.Tensor:
+        return m3id_scores(cond, other, t, lambda_=lambda_, alpha=alpha, t0=t0, max_weight=max_weight,
+                           plausibility=plausibility)
+
+    return contrastive_loop(model, input_ids, logits_processor, stopping_criteria, generation_config, rule,
+                            m3id_unconditional_ids, m3id_unconditional_attention_mask,
+                            m3id_unconditional_position_ids, streamer=streamer, model_kwargs=model_kwargs)
+
+
+def contrastive_loop(
+    model: Any,
+    input_ids: torch.LongTensor,
+    logits_processor: Any,
+    stopping_criteria: Any,
+    generation_config: Any,
+    rule: Any,
+    other_ids: torch.Tensor,
+    other_mask: torch.Tensor | None = None,
+    other_positions: torch.Tensor | None = None,
+    *,
+    streamer: Any = None,
+    model_kwargs: dict[str, Any] | None = None,
+    other_kwargs: dict[str, torch.Tensor] | None = None,
+) -> torch.LongTensor:
+    """The batched decoding loop shared by every contrastive rule (M3ID, VCD, ...).
+
+    The ``b`` prompt rows (``input_ids``; ``model_kwargs`` such as ``pixel_values``) and the ``b`` contrast
+    rows (``other_ids`` / ``other_mask`` / ``other_positions``: an image-free prompt for M3ID, the same
+    prompt for VCD) are left-padded to one length and run as one batch of ``2 b`` rows with one KV cache.
+    ``other_kwargs`` (e.g. the noised ``pixel_values`` of VCD) are appended to ``model_kwargs`` along the
+    first dimension for the contrast rows; without them only the prompt rows carry the extra inputs.
+    At each step ``rule(cond_logprobs, other_logprobs, t)`` -> (b, vocab) scores, then ``generate``'s
+    processors, then greedy or multinomial selection; ``t`` counts generated tokens.
+
+    Returns
+    -------
+    (b, prompt_length + new_tokens) token ids, like ``generate``.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if getattr(generation_config, "num_beams", 1) > 1:
+        raise ParameterError(
+            "contrastive decoding supports greedy decoding and sampling only, got "
+            f"num_beams={generation_config.num_beams}"
+        )
     b, device = input_ids.shape[0], input_ids.device
     pad = generation_config._pad_token_tensor
     pad_id = int(pad) if pad is not None else 0
     c_mask = model_kwargs.pop("attention_mask", None)
     c_mask = torch.ones_like(input_ids) if c_mask is None else c_mask.long()
     c_pos = positions_from_mask(c_mask)
-    u_ids = m3id_unconditional_ids.to(device)
-    u_mask = m3id_unconditional_attention_mask
+    u_ids = other_ids.to(device)
+    u_mask = other_mask
     u_mask = torch.ones_like(u_ids) if u_mask is None else u_mask.to(device).long()
-    u_pos = m3id_unconditional_position_ids
+    u_pos = other_positions
     u_pos = positions_from_mask(u_mask) if u_pos is None else u_pos.to(device).long()
+    k = 1
     if u_ids.shape[0] != b:
         if b % u_ids.shape[0]:
-            raise ParameterError(
-                f"m3id_unconditional_ids has {u_ids.shape[0]} rows, the prompt batch has {b}"
-            )
+            raise ParameterError(f"the contrast prompts have {u_ids.shape[0]} rows, the prompt batch has {b}")
         k = b // u_ids.shape[0]  # num_return_sequences: generate repeats each prompt k times
         u_ids, u_mask, u_pos = (x.repeat_interleave(k, dim=0) for x in (u_ids, u_mask, u_pos))
-    # One batch of 2b rows: conditional rows first, then unconditional; both left-padded to one length.
+    # One batch of 2b rows: prompt rows first, then contrast rows; both left-padded to one length.
     length = max(input_ids.shape[1], u_ids.shape[1])
     ids = torch.cat([left_pad(list(input_ids), length, pad_id), left_pad(list(u_ids), length, pad_id)])
     mask = torch.cat([left_pad(list(c_mask), length, 0), left_pad(list(u_mask), length, 0)])
     pos = torch.cat([left_pad(list(c_pos), length, 0), left_pad(list(u_pos), length, 0)])  # (2b, length)
     for name in ("position_ids", "cache", "past_key_values", "use_cache", "cache_position"):
         model_kwargs.pop(name, None)
-    extra = model_kwargs  # pixel_values etc.: only conditional rows hold image tokens, so they fit as is
+    extra = model_kwargs  # M3ID: only prompt rows hold image tokens, so pixel_values fit as is
+    for name, value in (other_kwargs or {}).items():
+        value = value.to(device)
+        if k > 1 and value.shape[0] * k == extra[name].shape[0]:
+            value = value.repeat_interleave(k, dim=0)
+        extra[name] = torch.cat([extra[name], value.to(extra[name].dtype)])
 
     eos_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     unfinished = torch.ones(b, dtype=torch.long, device=device)
@@ -153,16 +198,7 @@ def m3id_custom_generate(
         logits, cache = forward_step(model, ids, mask, pos, cache, **extra)  # logits: (2b, vocab)
         extra = {}
         logprobs = torch.log_softmax(logits, dim=-1)
-        scores = m3id_scores(
-            logprobs[:b],
-            logprobs[b:],
-            t,
-            lambda_=lambda_,
-            alpha=alpha,
-            t0=t0,
-            max_weight=max_weight,
-            plausibility=plausibility,
-        )
+        scores = rule(logprobs[:b], logprobs[b:], t)
         scores = logits_processor(input_ids, scores)
         if generation_config.do_sample:
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

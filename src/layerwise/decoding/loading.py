@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ParameterTypeError
-from ._hf import require
+from ._hf import model_source, require
 
 __all__ = ["load_for_m3id"]
 
@@ -26,7 +26,9 @@ def load_for_m3id(
 
     Parameters
     ----------
-    path : a local folder written by ``save_pretrained`` (or a hub id, downloaded by transformers).
+    path : a local folder written by ``save_pretrained`` (or a hub id, downloaded by transformers). A
+        path that can only be local (``./x``, ``a/b/c``, ``/abs``) and does not exist raises InputDataError
+        "folder not found" before transformers is asked (no network access).
     vision : True for an image-text-to-text model (Llava family) and its processor; False for a causal LM
         and its tokenizer (text conditions, e.g. document-grounded generation).
     trust_remote_code : allow the folder's own modelling code (off by default).
@@ -39,6 +41,7 @@ def load_for_m3id(
 
     from .._validation import check_choice
 
+    path = model_source(path, "model")
     check_choice("dtype", dtype, ("float32", "bfloat16", "float16"))
     if not isinstance(trust_remote_code, bool):
         raise ParameterTypeError(f"trust_remote_code must be a bool, got {trust_remote_code!r}")

@@ -4,6 +4,9 @@
 - :mod:`~layerwise.diffeo.transform`: :func:`deform` (one ``grid_sample``), :func:`matched_noise`,
   :class:`RandomDiffeo` (data augmentation).
 - :mod:`~layerwise.diffeo.stability`: :func:`relative_stability` (D_f, G_f, R_f per layer).
+- :mod:`~layerwise.diffeo.support`: :func:`principal_subspace` (noise inside the data's support: the control).
+- :mod:`~layerwise.diffeo.procedural`: :func:`procedural_shapes` (an offline 32 x 32 image world whose classes
+  are invariant to smooth deformations).
 - :mod:`~layerwise.diffeo.grid`: the paper's figure 1 (diffeos of increasing T next to noise of equal norm).
 
 >>> import torch
@@ -26,7 +29,9 @@ from .fields import (
     typical_displacement,
 )
 from .grid import log_temperatures, plot_sample_grid, sample_grid
-from .stability import ESTIMATORS, Stability, relative_stability
+from .procedural import PROCEDURAL_CLASSES, procedural_shapes
+from .stability import ESTIMATORS, NOISE_NORMS, Stability, relative_stability
+from .support import principal_subspace
 from .transform import RandomDiffeo, deform, matched_noise
 
 __all__ = [
@@ -47,6 +52,10 @@ __all__ = [
     "relative_stability",
     "Stability",
     "ESTIMATORS",
+    "NOISE_NORMS",
+    "principal_subspace",
+    "procedural_shapes",
+    "PROCEDURAL_CLASSES",
     "sample_grid",
     "plot_sample_grid",
     "log_temperatures",

@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from .._resources import check_memory
 from ..errors import ParameterError
 from ._checks import check_float, check_int, check_temperature, generator_of
 
@@ -98,6 +99,7 @@ def sample_coefficients(
     n = check_int("n", n, low=0)
     c = check_int("c", c, low=1)
     T = check_temperature(T, n)
+    check_memory(8 * c * c * (4 * n + 4), f"the sine coefficients of {n} fields with cutoff c = {c}")
     gen = generator_of(seed)
     std = mode_std(c)  # (c, c)
     z = torch.randn(n, 2, c, c, generator=gen, dtype=torch.float64)
@@ -129,6 +131,9 @@ def fields_from_coefficients(coefficients: torch.Tensor, height: int, width: int
     height = check_int("height", height, low=2)
     width = check_int("width", width, low=2)
     m = coefficients.shape[-1]
+    n = coefficients.shape[0]
+    check_memory(coefficients.element_size() * (3 * n * 2 * height * width + m * (height + width)),
+                 f"{n} displacement fields of {height} x {width} pixels", coefficients.device)
     kw = {"dtype": coefficients.dtype, "device": coefficients.device}
     su = sine_basis(width, m, **kw)  # (W, m): sin(i pi u_x)
     sv = sine_basis(height, m, **kw)  # (H, m): sin(j pi v_y)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._resources import check_memory
 from ..errors import ParameterError
 from ._checks import check_int, generator_of
 from .fields import centre_displacement_rms, sample_fields, temperature_range
@@ -51,8 +52,14 @@ def sample_grid(
     temps = [float(t) for t in temperatures]
     if not temps:
         raise ParameterError("temperatures must hold at least one temperature, got none")
+    c = check_int("c", c, low=1)
     gen = generator_of(seed)
-    _, h, w = image.shape
+    n_ch, h, w = image.shape
+    k = len(temps)
+    # batch, deformed, noisy, noise (float32), fields in float64 (einsum and scaling), grid_sample's grid,
+    # the figure's float64 RGBA copies, and the sine coefficients.
+    check_memory(k * h * w * (4 * 4 * n_ch + 8 * 2 * 3 + 4 * 2 * 3 + 8 * 4 * 2) + 16 * k * c * c + 24 * c * c,
+                 f"a sample grid of {k} temperature(s) for a {n_ch} x {h} x {w} image with cutoff c = {c}")
     batch = image.unsqueeze(0).expand(len(temps), -1, -1, -1).contiguous()  # (K, C, H, W)
     fields = sample_fields(len(temps), h, w, c, torch.tensor(temps, dtype=torch.float64), gen,
                            dtype=image.dtype, device=image.device)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._resources import check_memory
 from ..errors import ParameterError, ParameterTypeError
 from ._checks import check_choice, check_float, check_images, check_int, generator_of
 from .fields import sample_fields
@@ -55,6 +56,8 @@ def deform(images: torch.Tensor, fields: torch.Tensor, mode: str = "bilinear") -
     if tuple(fields.shape) != (n, 2, h, w):
         raise ParameterError(f"fields must have shape (N, 2, H, W) = {(n, 2, h, w)} to match images, got "
                              f"{tuple(fields.shape)}")
+    check_memory(images.element_size() * n * h * w * (images.shape[1] + 8),
+                 f"deforming {n} images of {tuple(images.shape[1:])}", images.device)
     fields = fields.to(dtype=images.dtype, device=images.device)
     kw = {"dtype": images.dtype, "device": images.device}
     xs = torch.arange(w, **kw)  # pixel columns
@@ -71,8 +74,9 @@ def matched_noise(
 ) -> torch.Tensor:
     """Gaussian noise ``eta`` rescaled per image so that ``||eta_b|| = ||deformed_b - images_b||``.
 
-    The norm is over (C, H, W). This is the "generic transformation of the same norm" of the paper
-    (G_f); ``images + eta`` is the noisy image.
+    The norm is over (C, H, W); ``images + eta`` is the noisy image. This is the per-image matching
+    (``relative_stability(..., noise_norm="per_image")``); the paper's G_f gives every noise vector the
+    *mean* of these norms over the data (the default of :func:`layerwise.diffeo.relative_stability`).
 
     Parameters
     ----------

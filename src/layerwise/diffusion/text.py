@@ -125,7 +125,8 @@ class MaskedLMDenoiser:
 
         Parameters
         ----------
-        path : the checkpoint folder or hub id.
+        path : the checkpoint folder or hub id (a local-looking path that does not exist raises
+            InputDataError "folder not found" without network access).
         tokenizer : where to load the tokenizer from (default: ``path``), e.g. ``"gpt2"`` for MDLM models.
         mask_id : the mask token id (default: the tokenizer's mask token; MDLM checkpoints use an extra
             id past the GPT-2 vocabulary, 50257, and their tokenizer has no mask token).
@@ -142,7 +143,11 @@ class MaskedLMDenoiser:
         except ImportError as err:  # pragma: no cover - depends on the environment
             raise MissingExtraError("MaskedLMDenoiser.from_pretrained needs transformers: "
                                     "pip install 'layerwise[hf]'") from err
-        tok = AutoTokenizer.from_pretrained(tokenizer or path, trust_remote_code=trust_remote_code)
+        from ..decoding._hf import model_source
+
+        path = model_source(path, "checkpoint")  # a missing local folder: "folder not found", no network
+        tok_source = model_source(tokenizer, "tokenizer") if tokenizer is not None else path
+        tok = AutoTokenizer.from_pretrained(tok_source, trust_remote_code=trust_remote_code)
         if mask_id is None:
             mask_id = tok.mask_token_id
         if mask_id is None:

@@ -1,11 +1,12 @@
-"""Weight-space editing: lazy checkpoints, task vectors, merge methods, LiNeS.
+"""Weight-space editing: lazy checkpoints, task vectors, merge methods, LiNeS, LoRA, mergekit configs.
 
 >>> from layerwise.editing import TaskVector, merge_models, apply_lines, open_checkpoint  # doctest: +SKIP
 
 Submodules: ``checkpoints`` (readers and the sharded safetensors writer), ``task_vector``, ``merge``
-(registry, methods, streaming driver), ``lines`` (block discovery and scaling), ``config`` (YAML merge
-configs for ``layerwise merge``), ``linearize`` (tangent-space models), ``disentanglement``, ``evaluation``
-(validation searches), ``finetune`` and ``workflow`` (``layerwise finetune``), ``clip`` (Hugging Face CLIP).
+(registry, methods, and the streaming merge: ``plan``, ``stream``, ``write``), ``lines`` (block discovery
+and scaling), ``config`` (YAML merge configs for ``layerwise merge``), ``mergekit_config``, ``lora``,
+``vocab``, ``model_card``. Tangent-space fine-tuning lives in :mod:`layerwise.tangent`, which builds on
+this package (never the other way round).
 """
 
 from .checkpoints import (
@@ -16,9 +17,6 @@ from .checkpoints import (
     open_checkpoint,
     save_checkpoint,
 )
-from .disentanglement import disentanglement_error
-from .finetune import FinetuneConfig, finetune
-from .linearize import LinearizedModel
 from .lines import (
     apply_lines,
     discover_blocks,
@@ -59,8 +57,4 @@ __all__ = [
     "plan_merge",
     "register_merge_method",
     "TaskVector",
-    "LinearizedModel",
-    "disentanglement_error",
-    "FinetuneConfig",
-    "finetune",
 ]

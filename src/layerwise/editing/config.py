@@ -37,8 +37,8 @@ from ..errors import ConfigError, LayerwiseError, ParameterError, ParameterTypeE
 from .checkpoints import parse_size
 from .lines import _compile
 from .merge import MERGE_METHODS
-from .merge.driver import DTYPE_CHOICES, LinesSpec, MergePlan, plan_merge
 from .merge.gradients import split_schedules
+from .merge.plan import DTYPE_CHOICES, LinesSpec, MergePlan, plan_merge
 from .merge.registry import _r
 from .mergekit_config import is_mergekit_config, translate_mergekit
 
@@ -209,7 +209,10 @@ def _parse(data: Any, base_dir: Path, check_files: bool) -> MergeConfig:
         p = Path(os.path.expanduser(str(value)))
         p = p if p.is_absolute() else base_dir / p
         if check_files and not p.exists():
-            raise MissingPathError(f"{where}: not found: {p}")
+            raise MissingPathError(
+                f"{where}: not found: {p} (folder not found; a merge reads local checkpoint folders or "
+                "files and never downloads from the hub)"
+            )
         return p
 
     models_raw = data.get("models")

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..editing.finetune import FinetuneConfig, finetune
-from ..editing.linearize import linearized_jvp
-from ..editing.toy_models import PrototypeHead, build_encoder, class_prototypes
-from ..editing.toy_tasks import ImageTask, make_tasks, pretrain_encoder
+from ..tangent.finetune import FinetuneConfig, finetune
+from ..tangent.linearize import linearized_jvp
+from ..tangent.toy_models import PrototypeHead, build_encoder, class_prototypes
+from ..tangent.toy_tasks import ImageTask, make_tasks, pretrain_encoder
 
 CONTROL = "upright"
 MODES = ("nonlinear", "linearized")

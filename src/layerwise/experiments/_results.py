@@ -117,12 +117,24 @@ def read_parts(folder: str | Path) -> ReportParts | None:
     path = folder / CLAIMS_FILE
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    tables_path = folder / TABLES_DIR / "tables.json"
-    tables = json.loads(tables_path.read_text(encoding="utf-8")) if tables_path.is_file() else []
-    return ReportParts(
-        claims=tuple(Claim.from_dict(c) for c in data.get("claims", [])),
-        tables=tuple(Table.from_dict(t) for t in tables),
-        figures=dict(data.get("figures", {})),
-        text=str(data.get("text", "")),
-    )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        tables_path = folder / TABLES_DIR / "tables.json"
+        tables = json.loads(tables_path.read_text(encoding="utf-8")) if tables_path.is_file() else []
+        figures = data.get("figures", {}) or {}
+        if not isinstance(figures, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in figures.items()
+        ):
+            raise TypeError("'figures' must map file names to captions")
+        return ReportParts(
+            claims=tuple(Claim.from_dict(c) for c in data.get("claims", [])),
+            tables=tuple(Table.from_dict(t) for t in tables),
+            figures=dict(figures),
+            text=str(data.get("text", "")),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        from ..errors import InputDataError
+
+        raise InputDataError(
+            f"{path} (or its tables/tables.json) is not a claims file written by layerwise: {exc}"
+        ) from None

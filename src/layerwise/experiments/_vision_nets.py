@@ -1,7 +1,9 @@
 """Small image classifiers for the CPU-scale experiments: fully connected, LeNet-like, ResNet, ViT.
 
 All take (B, C, n, n) images (n divisible by 4) and return (B, n_classes) logits. Sizes are chosen so that a
-few hundred Adam steps on 16 x 16 images take about a second on one CPU core.
+few hundred Adam steps on 16 x 16 images take a few seconds on one CPU core. At n >= 32 the ResNet's stem
+has stride 2 and the ViT's patches are n/4 pixels wide (16 tokens at every size), so 32 x 32 images cost
+about what 16 x 16 ones do.
 
 >>> import torch
 >>> net = make_net("vit", channels=1, size=16, n_classes=10)
@@ -50,11 +52,14 @@ class _Block(nn.Module):
 
 
 class _ResNet(nn.Module):
-    """Three stages of one basic block each (8, 16, 32 channels; strides 1, 2, 2), global average pool."""
+    """Three stages of one basic block each (8, 16, 32 channels; strides 1, 2, 2), global average pool.
 
-    def __init__(self, channels: int, n_classes: int, widths: tuple[int, ...] = (8, 16, 32)) -> None:
+    ``stem_stride`` 2 halves the resolution first (used for 32 x 32 inputs)."""
+
+    def __init__(self, channels: int, n_classes: int, widths: tuple[int, ...] = (8, 16, 32),
+                 stem_stride: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, 1, 1, bias=False),
+        self.stem = nn.Sequential(nn.Conv2d(channels, widths[0], 3, stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
         blocks, c_in = [], widths[0]
         for k, w in enumerate(widths):
@@ -69,12 +74,12 @@ class _ResNet(nn.Module):
 
 
 class _ViT(nn.Module):
-    """Patch 4 x 4 tokens, learned positions, 2 pre-norm encoder layers (width 32, 4 heads), mean pooling."""
+    """Patch tokens (side size/4: a 4 x 4 grid of tokens), learned positions, 2 pre-norm encoder layers
+    (width 32, 4 heads), mean pooling."""
 
-    def __init__(self, channels: int, size: int, n_classes: int, dim: int = 32, depth: int = 2,
-                 patch: int = 4) -> None:
+    def __init__(self, channels: int, size: int, n_classes: int, dim: int = 32, depth: int = 2) -> None:
         super().__init__()
-        patch = max(1, min(patch, size // 4))
+        patch = max(1, size // 4)
         self.embed = nn.Conv2d(channels, dim, patch, patch)
         self.pos = nn.Parameter(torch.randn(1, (size // patch) ** 2, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
@@ -97,7 +102,7 @@ def make_net(name: str, channels: int, size: int, n_classes: int) -> nn.Module:
     if name == "lenet":
         return _lenet(channels, size, n_classes)
     if name == "resnet":
-        return _ResNet(channels, n_classes)
+        return _ResNet(channels, n_classes, stem_stride=2 if size >= 32 else 1)
     if name == "vit":
         return _ViT(channels, size, n_classes)
     raise ValueError(f"net must be one of {list(NETS)}, got {name!r}")

@@ -30,6 +30,8 @@ __all__ = [
     "Table",
     "verdict_from",
     "verdict_within",
+    "verdict_exponent",
+    "EXPONENT_RULE",
     "mean_std",
     "format_mean_std",
 ]
@@ -139,6 +141,38 @@ def verdict_within(measured: float, target: float, tol: float, partly_tol: float
         return "not reproduced"
     gap = abs(measured - target)
     return verdict_from(gap <= tol, partly_tol is not None and gap <= partly_tol)
+
+
+# Relative tolerances of :func:`verdict_exponent` (fixed before any run; see its docstring).
+EXPONENT_REL_TOL, EXPONENT_REL_PARTLY = 0.20, 0.40
+EXPONENT_RULE = ("reproduced if the 95% interval covers the prediction or |beta - prediction| <= "
+                 f"{EXPONENT_REL_TOL:.0%} of the prediction; partly within {EXPONENT_REL_PARTLY:.0%}; "
+                 "else not reproduced")
+
+
+def verdict_exponent(beta: float, predicted: float, low: float, high: float) -> str:
+    """Verdict of a measured exponent ``beta`` (95% interval ``[low, high]``) against a prediction.
+
+    A rule that scales with the prediction (an absolute tolerance would call 0.2 against 1/8 a success):
+
+    - ``"reproduced"`` if ``low <= predicted <= high`` or ``|beta - predicted| <= 0.2 |predicted|``;
+    - ``"partly"`` if ``|beta - predicted| <= 0.4 |predicted|``;
+    - ``"not reproduced"`` otherwise, and for a non-finite ``beta``.
+
+    ``predicted`` must be non-zero (a zero prediction, such as a plateau, needs an absolute rule).
+    :data:`EXPONENT_RULE` states the rule in words for ``Claim.rule``.
+
+    >>> verdict_exponent(0.200, 0.125, 0.187, 0.211), verdict_exponent(0.26, 0.25, 0.27, 0.30)
+    ('not reproduced', 'reproduced')
+    """
+    if predicted == 0 or not math.isfinite(predicted):
+        raise ValueError(f"predicted must be finite and non-zero, got {predicted}")
+    if not math.isfinite(beta):
+        return "not reproduced"
+    gap = abs(beta - predicted)
+    covered = math.isfinite(low) and math.isfinite(high) and low <= predicted <= high
+    return verdict_from(covered or gap <= EXPONENT_REL_TOL * abs(predicted),
+                        gap <= EXPONENT_REL_PARTLY * abs(predicted))
 
 
 def mean_std(values: Sequence[float], digits: int = 3) -> str:

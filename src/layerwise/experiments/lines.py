@@ -31,16 +31,16 @@ from pathlib import Path
 import torch
 
 from .._io import save_figure, write_csv
-from ..editing.evaluation import (
+from ..editing.lines import apply_lines, multitask_alpha
+from ..editing.merge import merge_models
+from ..editing.task_vector import TaskVector
+from ..tangent.evaluation import (
     ADDITION_GRID,
     LINES_ALPHA_GRID,
     LINES_BETA_GRIDS,
     search_addition,
     search_lines_single,
 )
-from ..editing.lines import apply_lines, multitask_alpha
-from ..editing.merge import merge_models
-from ..editing.task_vector import TaskVector
 from ._base import EXPERIMENTS, Experiment, grid
 from ._editing_world import CONTROL, PAIRED_RULE, get_world, mean, one_thread, paired_verdict, world_spec
 from .claims import Claim, Table, mean_std

@@ -2,7 +2,7 @@
 
 Command::
 
-    layerwise reproduce m3id-long --scale quick --out results    # 73 s on 2 idle cores (5 seeds, 2 processes)
+    layerwise reproduce m3id-long --scale quick --out results    # ~80 s on 2 cores (5 seeds, 3 processes)
 
 The paper (Favero et al., CVPR 2024, Sec. 3, Fig. 2) rests on a premise: as a caption grows, the model's
 reliance on the image fades and the language prior takes over, and hallucinations come from that prior.
@@ -97,7 +97,9 @@ class Config:
     grid_alphas: tuple[float, ...] = (0.3, 0.6, 0.9)
     max_cover_drop: float = 0.05
     n_reliance: int = 48  # test scenes whose greedy captions are scored by visual_reliance
-    workers: int = 2  # seeds run in parallel processes (1: in this process); results do not depend on it
+    # seeds run in parallel processes (1: in this process); results do not depend on it. 3 processes on 2
+    # cores keep both cores busy to the end (2 would leave one idle while the fifth seed runs alone)
+    workers: int = 3
     torch_threads: int = 1
 
 

@@ -7,10 +7,10 @@ Command::
 
 Set-up (CPU analogue of CLIP + 8 vision tasks): a small ViT is pre-trained on upright sklearn digits
 (affine jitter); each downstream task (digits rotated/inverted/..., procedural stripes/checkerboards; see
-:mod:`layerwise.editing.toy_tasks`) gets a frozen cosine head whose prototypes are the class means of the
+:mod:`layerwise.tangent.toy_tasks`) gets a frozen cosine head whose prototypes are the class means of the
 pre-trained features (the analogue of a zero-shot head), so the pre-trained model has non-trivial accuracy
 on every task. The encoder is fine-tuned per task, non-linearly and in the tangent space
-(:class:`~layerwise.editing.linearize.LinearizedModel`), with AdamW and warm-up + cosine; "post-hoc"
+(:class:`~layerwise.tangent.linearize.LinearizedModel`), with AdamW and warm-up + cosine; "post-hoc"
 evaluates the non-linear task vectors in the linearized model. All coefficients are chosen on validation
 splits; numbers are on test splits, mean +- std over seeds (one pre-trained model, seeds vary the data
 split and the fine-tuning).
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 
 from .._io import save_figure, write_csv, write_json
-from ..editing.disentanglement import disentanglement_error
-from ..editing.evaluation import ADDITION_GRID, search_addition, search_negation
+from ..tangent.disentanglement import disentanglement_error
+from ..tangent.evaluation import ADDITION_GRID, search_addition, search_negation
 from ._base import EXPERIMENTS, Experiment, grid
 from ._editing_world import CONTROL, PAIRED_RULE, get_world, mean, one_thread, paired_verdict, world_spec
 from .claims import Claim, Table, mean_std
@@ -136,7 +136,7 @@ def _plot(rows: list[dict], config: Config, out: Path, arch: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..editing.plotting import plot_disentanglement
+    from ..tangent.plotting import plot_disentanglement
 
     mine = [r for r in rows if r["arch"] == arch]
     files = []

@@ -30,6 +30,12 @@ from .hierarchical import hierarchical_kernel
 from .local import conv_kernel, local_kernel, patch_index
 from .regression import KernelRegressor, gaussian_random_field
 from .spec import KernelSpec, make_kernel
+from .spectral_theory import (
+    eigenlearning_kappa,
+    predicted_learning_curve,
+    spectral_decomposition,
+    tail_as_ridge,
+)
 
 __all__ = [
     "BASE_KERNELS",
@@ -58,4 +64,8 @@ __all__ = [
     "patch_spheres",
     "make_kernel",
     "KernelSpec",
+    "eigenlearning_kappa",
+    "predicted_learning_curve",
+    "spectral_decomposition",
+    "tail_as_ridge",
 ]

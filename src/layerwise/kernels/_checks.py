@@ -5,13 +5,15 @@ Private helpers: the public functions call them once, where work starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .._resources import check_memory
 from .._validation import check_choice, check_float, check_int
-from ..errors import ParameterError, ParameterTypeError
+from ..errors import InputDataError, ParameterError, ParameterTypeError
 
 __all__ = ["DEFAULT_DTYPE", "DEFAULT_BLOCK_ELEMENTS", "as_data", "as_pair", "block_rows", "blocked_gram",
            "check_choice", "check_float", "check_int"]
@@ -68,7 +70,7 @@ def block_rows(block_size: int | None, elements_per_row: int) -> int:
 
 def blocked_gram(
     fn: Callable[[slice, slice], torch.Tensor], n: int, m: int | None, rows: int, *,
-    dtype: torch.dtype, device: torch.device,
+    dtype: torch.dtype, device: torch.device, max_abs: float | None = None,
 ) -> torch.Tensor:
     """Fill an (n, m) Gram matrix block of rows by block of rows: ``out[r, c] = fn(r, c)`` for slices.
 
@@ -79,7 +81,31 @@ def blocked_gram(
     running torch single-threaded (intra-op threads are set to 1 during the call and restored after): the
     blocks are small and independent, and per-operation OpenMP parallelism on small tensors mostly spins
     at barriers, badly so when the cores are shared. Blocks write disjoint parts of ``out``.
+
+    The (n, m) output's memory is checked before it is allocated (``ResourceError`` with the estimate), and
+    a result with NaN or inf entries (finite inputs so large that squared norms or products overflow
+    ``dtype``; ``max_abs`` is the largest input magnitude, for the message) raises ``InputDataError``.
     """
+    cols = n if m is None else m
+    check_memory(n * cols * torch.empty((), dtype=dtype).element_size(),
+                 f"a {n} x {cols} Gram matrix ({dtype})", device)
+    out = _fill(fn, n, m, rows, dtype=dtype, device=device)
+    # A NaN or inf entry makes the sum non-finite (a cheap reduction); only then look entry by entry (an
+    # overflowing sum of finite entries is not an error).
+    if not math.isfinite(float(out.sum())) and not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
+        size = f" (largest |input| {max_abs:.3g})" if max_abs is not None else ""
+        raise InputDataError(
+            f"the Gram matrix has {bad} NaN or inf entries although the inputs are finite: the inputs are "
+            f"too large for {dtype}{size}, their squared norms or inner products overflow; rescale the "
+            "inputs (and a Laplace/Gaussian sigma with them)")
+    return out
+
+
+def _fill(
+    fn: Callable[[slice, slice], torch.Tensor], n: int, m: int | None, rows: int, *,
+    dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor:
     out = torch.empty(n, n if m is None else m, dtype=dtype, device=device)
     starts = list(range(0, n, rows))
 

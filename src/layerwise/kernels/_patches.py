@@ -136,5 +136,6 @@ def gram(
             return (left.view(rows, cols, n_p) * fz.weight[c][None]).sum(-1) / (n_p * n_p)
 
         per_row = n_p * n_p * m
+    max_abs = max(float(X.abs().max()), 0.0 if Z is None else float(Z.abs().max()))
     return blocked_gram(block, X.shape[0], None if Z is None else m, block_rows(block_size, per_row),
-                        dtype=X.dtype, device=X.device)
+                        dtype=X.dtype, device=X.device, max_abs=max_abs)

@@ -10,6 +10,8 @@ A configuration is a mapping (YAML)::
     seeds: [0, 1, 2, 3]
     ridge: 0.0                                   # optional
     device: cpu                                  # optional
+    max_hours: 24                                # optional: refuse runs estimated (after the first seed)
+                                                 # to take longer (default 24)
 
 Errors name the offending key (``ConfigError``).
 """
@@ -27,7 +29,8 @@ from .spec import make_kernel
 
 __all__ = ["parse_curve_config", "save_curves"]
 
-_KEYS = {"input", "teachers", "students", "P", "n_test", "seeds", "ridge", "device"}
+_KEYS = {"input", "teachers", "students", "P", "n_test", "seeds", "ridge", "device", "max_hours"}
+DEFAULT_MAX_HOURS = 24.0
 _REQUIRED = ("input", "teachers", "students", "P", "n_test", "seeds")
 
 
@@ -82,9 +85,13 @@ def parse_curve_config(cfg: Any) -> dict[str, Any]:
     ridge = cfg.get("ridge", 0.0)
     if not isinstance(ridge, (int, float)) or ridge < 0:
         raise ConfigError(f"config key 'ridge' must be a number >= 0, got {ridge!r}")
+    max_hours = cfg.get("max_hours", DEFAULT_MAX_HOURS)
+    if isinstance(max_hours, bool) or not isinstance(max_hours, (int, float)) or not max_hours > 0 \
+            or max_hours == float("inf"):
+        raise ConfigError(f"config key 'max_hours' must be a finite number > 0, got {max_hours!r}")
     return {"teacher": _kernels(cfg, "teachers"), "student": _kernels(cfg, "students"), "P_list": cfg["P"],
             "n_test": cfg["n_test"], "seeds": cfg["seeds"], "sampler": _sampler(cfg["input"]),
-            "ridge": float(ridge), "device": cfg.get("device")}
+            "ridge": float(ridge), "device": cfg.get("device"), "max_seconds": 3600.0 * float(max_hours)}
 
 
 def save_curves(curves: Mapping[tuple[str, str], LearningCurve], out: Path) -> list[dict[str, Any]]:

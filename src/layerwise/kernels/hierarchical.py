@@ -182,4 +182,5 @@ def hierarchical_kernel(
 
     m = None if Y is None else Y.shape[0]
     rows = block_rows(block_size, n0 * Z.shape[0])
-    return blocked_gram(block, X.shape[0], m, rows, dtype=X.dtype, device=X.device)
+    max_abs = max(float(X.abs().max()), 0.0 if Y is None else float(Y.abs().max()))
+    return blocked_gram(block, X.shape[0], m, rows, dtype=X.dtype, device=X.device, max_abs=max_abs)

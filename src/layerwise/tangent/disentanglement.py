@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..editing.task_vector import TaskVector
 from ..errors import InputDataError, ParameterError, ParameterTypeError
 from .linearize import check_task_vector, linearized_jvp
-from .task_vector import TaskVector
 
 __all__ = ["DisentanglementResult", "disentanglement_error", "check_grid"]
 

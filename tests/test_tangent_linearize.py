@@ -11,9 +11,9 @@ from torch import nn
 from torch.func import functional_call
 
 from layerwise.editing import TaskVector, save_checkpoint
-from layerwise.editing import linearize as linearize_module
-from layerwise.editing.linearize import LinearizedModel, check_task_vector
 from layerwise.errors import CheckpointError, ParameterTypeError
+from layerwise.tangent import linearize as linearize_module
+from layerwise.tangent.linearize import LinearizedModel, check_task_vector
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

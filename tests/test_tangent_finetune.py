@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from layerwise.editing.finetune import FinetuneConfig, finetune, predict, warmup_cosine
-from layerwise.editing.linearize import LinearizedModel
 from layerwise.errors import InputDataError, ParameterError, ParameterTypeError
+from layerwise.tangent.finetune import FinetuneConfig, finetune, predict, warmup_cosine
+from layerwise.tangent.linearize import LinearizedModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +48,7 @@ def _dist(a, b):
 
 
 def test_docstring_examples():
-    result = doctest.testmod(importlib.import_module("layerwise.editing.finetune"))
+    result = doctest.testmod(importlib.import_module("layerwise.tangent.finetune"))
     assert result.failed == 0 and result.attempted > 0
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from layerwise.editing import disentanglement as dis_module
-from layerwise.editing.disentanglement import check_grid, disentanglement_error
-from layerwise.editing.linearize import LinearizedModel
 from layerwise.errors import CheckpointError, InputDataError, ParameterError
+from layerwise.tangent import disentanglement as dis_module
+from layerwise.tangent.disentanglement import check_grid, disentanglement_error
+from layerwise.tangent.linearize import LinearizedModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -187,7 +187,7 @@ def test_heat_map_helper(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from layerwise.editing.plotting import plot_disentanglement
+    from layerwise.tangent.plotting import plot_disentanglement
 
     net, taus, data, heads = _setup()
     r = disentanglement_error(net, None, taus[0], taus[1], data[0], data[1], GRID, heads=tuple(heads))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerwise.editing.linearize import LinearizedModel
 from layerwise.editing.lines import discover_blocks
-from layerwise.editing.toy_models import PrototypeHead, TinyCNN, TinyViT, build_encoder, class_prototypes
 from layerwise.errors import ParameterError
+from layerwise.tangent.linearize import LinearizedModel
+from layerwise.tangent.toy_models import PrototypeHead, TinyCNN, TinyViT, build_encoder, class_prototypes
 
 pytest.importorskip("sklearn")
-from layerwise.editing import toy_tasks  # noqa: E402
+from layerwise.tangent import toy_tasks  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,5 +105,5 @@ def test_docstring_examples():
     import importlib
 
     for name in ("toy_models",):
-        result = doctest.testmod(importlib.import_module(f"layerwise.editing.{name}"))
+        result = doctest.testmod(importlib.import_module(f"layerwise.tangent.{name}"))
         assert result.failed == 0 and result.attempted > 0, name

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -169,8 +170,19 @@ class ImageFolder(torch.utils.data.Dataset):
 
         path, label = self.items[i]
         try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
+            with warnings.catch_warnings():
+                # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that: refuse both, before
+                # decoding (a small file can declare billions of pixels)
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as src:
+                    im = src.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise InputDataError(f"{path}: image too large to decode safely (a decompression bomb?): {err}") \
+                from None
+        except OSError as err:
+            raise InputDataError(f"{path}: unreadable image ({err})") from None
+        try:
+            with im:
                 w, h = im.size
                 s = self.size / min(w, h)
                 im = im.resize((max(self.size, round(w * s)), max(self.size, round(h * s))), Image.BICUBIC)

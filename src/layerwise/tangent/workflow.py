@@ -16,7 +16,7 @@ Config (YAML; paths relative to the file's folder)::
         classes: [annual crop land, forest, ...]   # optional: names used in prompts (default: folders)
         folders: [AnnualCrop, Forest, ...]          # optional: sub-folder per class, same order
         templates: ["a satellite photo of {}."]     # optional (default: generic photo prompts)
-      - name: rot90                      # toy kinds: a task of layerwise.editing.toy_tasks
+      - name: rot90                      # toy kinds: a task of layerwise.tangent.toy_tasks
     finetune:
       modes: [nonlinear, linearized]     # either or both
       steps: 2000
@@ -42,6 +42,7 @@ Merged linearized fine-tunes are evaluated in the tangent space:
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -51,9 +52,9 @@ from typing import Any
 import torch
 import yaml
 
-from .._io import atomic_directory, write_json
+from .._io import atomic_directory, read_yaml, write_json
+from ..editing.checkpoints import save_checkpoint
 from ..errors import ConfigError, LayerwiseError
-from .checkpoints import save_checkpoint
 from .finetune import FinetuneConfig, finetune, predict
 from .linearize import LinearizedModel
 
@@ -110,6 +111,10 @@ def _strings(raw: Any, key: str) -> tuple[str, ...] | None:
     return tuple(raw)
 
 
+# a Hugging Face hub id: "name" or "org/name" (letters, digits, "-", "_", "."; not starting with "." or "-")
+_HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+
+
 def parse_finetune_job(raw: Any, base_dir: str | os.PathLike = ".") -> FinetuneJob:
     """Validate a config mapping (see the module docstring); raise :class:`ConfigError` naming the key."""
     from .toy_tasks import TASKS as TOY_TASKS
@@ -126,8 +131,12 @@ def parse_finetune_job(raw: Any, base_dir: str | os.PathLike = ".") -> FinetuneJ
     if kind == "hf_clip":
         if not isinstance(path, str) or not path:
             raise _err("model.path", "a CLIP folder or hub id is required for kind hf_clip")
-        if (base / path).exists():
-            path = str(base / path)
+        local_path = base / os.path.expanduser(path)
+        if local_path.exists():
+            path = str(local_path)
+        elif not _HUB_ID.fullmatch(path) or ".." in path or path.endswith(".git"):
+            # "path/to/x", "./x", "/x", "~/x": a local path, never a hub id: do not go to the network
+            raise _err("model.path", f"folder not found: {local_path}")
     elif path is not None:
         raise _err(
             "model.path", f"is only used with kind hf_clip (toy models are pre-trained here), got {path!r}"
@@ -143,6 +152,8 @@ def parse_finetune_job(raw: Any, base_dir: str | os.PathLike = ".") -> FinetuneJ
         raise _err(
             "model.device", f"must be a torch device such as 'cpu' or 'cuda', got {device!r}"
         ) from None
+    if device_type not in ("cpu", "cuda", "mps"):  # meta holds no data: training on it cannot work
+        raise _err("model.device", f"must be a device that holds data (cpu, cuda, mps), got {device!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise _err("model.device", f"{device!r} requested but CUDA is not available in this torch build")
     local = model.get("local_files_only", False)
@@ -216,13 +227,11 @@ def parse_finetune_job(raw: Any, base_dir: str | os.PathLike = ".") -> FinetuneJ
 def load_finetune_job(path: str | os.PathLike) -> FinetuneJob:
     """Read and validate a YAML config (``yaml.safe_load``)."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+    raw = read_yaml(p, what="config file")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
-    return parse_finetune_job(raw, p.parent)
+        return parse_finetune_job(raw, p.parent)
+    except RecursionError:
+        raise ConfigError(f"{p}: the config is nested too deeply") from None
 
 
 # -- running --------------------------------------------------------------------------------------------
@@ -346,7 +355,7 @@ def run_finetune_job(
             }
             (tmp / f"merge_{mode}.yaml").write_text(
                 f"# task addition of the {mode} fine-tunes; choose scale on validation data "
-                f"(layerwise.editing.evaluation.search_addition)\n" + yaml.safe_dump(merge, sort_keys=False),
+                f"(layerwise.tangent.evaluation.search_addition)\n" + yaml.safe_dump(merge, sort_keys=False),
                 encoding="utf-8",
             )
         write_json(tmp / "finetune.json", summary)

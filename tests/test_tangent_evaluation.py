@@ -8,8 +8,8 @@ import doctest
 import pytest
 import torch
 
-from layerwise.editing import evaluation as ev
 from layerwise.errors import ParameterError
+from layerwise.tangent import evaluation as ev
 
 
 def test_docstring_examples():

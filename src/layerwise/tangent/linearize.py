@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
+from ..editing.task_vector import TaskVector
 from ..errors import CheckpointError, ParameterTypeError
-from .task_vector import TaskVector
 
 __all__ = ["LinearizedModel", "linearized_jvp", "check_task_vector"]
 
@@ -237,7 +237,7 @@ class LinearizedModel(nn.Module):
         """Linearized ``model`` around the weights ``pretrained`` with ``theta`` from ``finetuned`` (paths,
         state dicts or checkpoints; e.g. a linearized fine-tune saved with :meth:`theta`, or a merge of them
         written by ``layerwise merge``). ``model`` itself is loaded with ``pretrained`` (in place)."""
-        from .checkpoints import load_state_dict
+        from ..editing.checkpoints import load_state_dict
 
         state0 = load_state_dict(pretrained)
         _load_strict(model, state0, "pretrained")

@@ -3,7 +3,7 @@
 The recipe of both papers (Ilharco et al.; Ortiz-Jimenez et al.; Wang et al.): the classification head of
 each task is fixed (CLIP zero-shot head, or class prototypes) and only the encoder is trained, with AdamW,
 a linear warm-up and a cosine decay. ``linearized=True`` trains ``theta`` of
-:class:`~layerwise.editing.linearize.LinearizedModel` instead of the network itself. The result is a state
+:class:`~layerwise.tangent.linearize.LinearizedModel` instead of the network itself. The result is a state
 dict of the encoder (``theta``; buffers from ``theta0`` for the linearized model), so that fine-tunes can
 be stored with :func:`~layerwise.editing.checkpoints.save_checkpoint` and merged by ``layerwise merge``.
 
@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from .._validation import check_float, check_int
+from ..editing.task_vector import TaskVector
 from ..errors import InputDataError, ParameterError, ParameterTypeError
 from .linearize import LinearizedModel
-from .task_vector import TaskVector
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "finetune", "warmup_cosine", "predict"]
 
@@ -137,7 +137,7 @@ def finetune(
     Parameters
     ----------
     encoder : image encoder ``(N, ...) -> (N, D)`` at the pre-trained weights ``theta0``.
-    head : frozen map ``(N, D) -> (N, C)`` logits (e.g. :class:`~layerwise.editing.toy_models.PrototypeHead`).
+    head : frozen map ``(N, D) -> (N, C)`` logits (e.g. :class:`~layerwise.tangent.toy_models.PrototypeHead`).
     data : ``(x (N, ...), y (N,))`` tensors or a map-style Dataset of ``(x, y)``.
     config : :class:`FinetuneConfig`.
     progress : show a progress bar. callback : called as ``callback(step, loss)`` after each step.

@@ -1,7 +1,7 @@
 """Plot helpers for editing results (matplotlib imported lazily; pass an ``Axes`` or get a new figure).
 
 >>> import torch
->>> from layerwise.editing.disentanglement import DisentanglementResult
+>>> from layerwise.tangent.disentanglement import DisentanglementResult
 >>> g = torch.linspace(-1, 1, 3, dtype=torch.float64)
 >>> r = DisentanglementResult(g, g, torch.zeros(3, 3), torch.zeros(2, 3, 3), "classification", False)
 >>> ax = plot_disentanglement(r, title="xi")   # doctest: +SKIP
@@ -34,7 +34,7 @@ def plot_disentanglement(
 
     Parameters
     ----------
-    result : a :class:`~layerwise.editing.disentanglement.DisentanglementResult`, or a (G1, G2) tensor
+    result : a :class:`~layerwise.tangent.disentanglement.DisentanglementResult`, or a (G1, G2) tensor
         (e.g. an average over seeds) together with ``a1`` (G1,) and ``a2`` (G2,).
     ax : matplotlib Axes (a new figure when None). vmax : colour-scale maximum (shared across panels).
     Returns the Axes.

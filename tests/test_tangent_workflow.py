@@ -12,9 +12,9 @@ import yaml
 
 from layerwise.cli import main
 from layerwise.editing import load_state_dict
-from layerwise.editing.linearize import LinearizedModel
-from layerwise.editing.workflow import load_finetune_job, parse_finetune_job
 from layerwise.errors import ConfigError
+from layerwise.tangent.linearize import LinearizedModel
+from layerwise.tangent.workflow import load_finetune_job, parse_finetune_job
 
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
@@ -55,7 +55,7 @@ def test_toy_job_then_merge_then_linearized_evaluation(tmp_path, capsys):
     # f_lin(theta0 + 0.3 (tau1 + tau2)) = f0 + 0.3 J tau1 + 0.3 J tau2
     merged = tmp_path / "merged"
     assert main(["merge", str(out / "merge_linearized.yaml"), "--out", str(merged), "--no-progress"]) == 0
-    from layerwise.editing.toy_models import build_encoder
+    from layerwise.tangent.toy_models import build_encoder
 
     enc = build_encoder("cnn")
     theta0 = load_state_dict(out / "pretrained")
@@ -173,7 +173,7 @@ def _images(root, classes, n=3, seed=0):
 
 
 def test_tiny_clip_end_to_end(tmp_path):
-    from layerwise.editing.clip import ClipImageEncoder, ImageFolder, load_clip, zeroshot_head
+    from layerwise.tangent.clip import ClipImageEncoder, ImageFolder, load_clip, zeroshot_head
 
     clip_dir = _tiny_clip(tmp_path / "clip")
     for task, classes in (("cars", ["red car", "blue car"]), ("pets", ["cat", "dog"])):
@@ -235,8 +235,8 @@ def test_tiny_clip_end_to_end(tmp_path):
 
 
 def test_image_folder_errors(tmp_path):
-    from layerwise.editing.clip import ImageFolder
     from layerwise.errors import InputDataError
+    from layerwise.tangent.clip import ImageFolder
 
     _images(tmp_path / "d", ["a", "b"], n=1)
     with pytest.raises(InputDataError, match="missing"):

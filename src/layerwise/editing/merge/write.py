@@ -1,0 +1,163 @@
+"""Merge output: run a plan into a sharded safetensors folder (atomically) or into tensors in memory.
+
+:func:`execute_plan` copies the base folder's side files (config, tokenizer), fixes the dtype recorded in
+a copied ``config.json``, writes the record ``layerwise_merge.json`` and the model card;
+:func:`merge_models` plans (:mod:`.plan`) and runs (:mod:`.stream`) a merge in one call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..._io import OUTPUT_MARKER, atomic_directory, check_output_dir, is_temporary_name, write_json
+from ..checkpoints import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, ShardedSafetensorsWriter
+from .plan import DTYPE_CHOICES, MergePlan, plan_merge
+from .stream import MergeResult, run_passes
+
+__all__ = ["execute_plan", "merge_models"]
+
+
+def execute_plan(
+    plan: MergePlan,
+    out: str | os.PathLike | None = None,
+    *,
+    progress: bool = False,
+    copy_files: bool = True,
+    record: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    model_card: bool = True,
+) -> MergeResult:
+    """Run a plan: write sharded safetensors into ``out`` atomically, or return the tensors (``out=None``).
+
+    With ``out``, non-weight files of a base model folder (config, tokenizer…) are copied along when
+    ``copy_files`` (a copied ``config.json`` gets its ``torch_dtype``/``dtype`` set to the dtype written),
+    and ``layerwise_merge.json`` records the plan, the parameters and the LiNeS table. With ``model_card``
+    the folder gets a ``README.md`` model card and, when ``record`` holds the ``config`` mapping (and the
+    original file's text as ``config_text``), ``layerwise_merge.yaml`` re-running the merge
+    (:mod:`..model_card`).
+    With LiNeS and an automatic alpha, the merged task vector of the alpha pass is stashed (in memory, or
+    in float32 safetensors inside the temporary output folder, deleted before it is renamed into place).
+
+    ``out`` is checked first with :func:`layerwise._io.check_output_dir`: an existing non-empty folder is
+    replaced only with ``overwrite`` and only if an earlier layerwise run created it; an input's folder
+    (or one containing an input) is always refused. Every merged chunk is checked for inf/NaN before it is
+    written: the first non-finite tensor raises :class:`~layerwise.errors.ParameterError`
+    (:class:`~layerwise.errors.CheckpointError` if the base's tensor already holds inf/NaN) and nothing
+    appears at ``out``.
+    """
+    if out is None:
+        tensors = {k: torch.empty(plan.base.shape(k), dtype=plan.out_dtype(k)) for k in plan.base.keys()}
+
+        def to_memory(key, chunk, start):
+            tensors[key].view(-1)[start : start + chunk.numel()] = chunk
+
+        result = run_passes(plan, to_memory, None, progress)
+        result.tensors = tensors
+        return result
+    inputs = [c.source for c in (plan.base, *plan.models) if not c.source.startswith("<")]
+    out = check_output_dir(out, overwrite=overwrite, inputs=inputs)
+    specs = [(k, plan.base.shape(k), plan.out_dtype(k)) for k in plan.base.keys()]
+    with atomic_directory(out) as tmp:
+        writer = ShardedSafetensorsWriter(
+            tmp, specs, plan.max_shard_bytes, metadata={"format": "pt", "merged_by": "layerwise"}
+        )
+        result = run_passes(plan, writer.write, tmp / ".lines_stash", progress)
+        writer.close()
+        if copy_files:
+            _copy_side_files(Path(plan.base.source), tmp)
+            if plan.dtype is not None:
+                _set_config_dtype(tmp / "config.json", plan.dtype)
+        result.info.update(record or {})
+        if model_card:
+            from ..model_card import finish_output
+
+            finish_output(
+                tmp,
+                result.info,
+                plan.method,
+                config=(record or {}).get("config"),
+                source_text=(record or {}).get("config_text"),
+            )
+        write_json(tmp / "layerwise_merge.json", result.info)
+    result.out = out
+    return result
+
+
+def _set_config_dtype(config: Path, dtype: torch.dtype) -> None:
+    """Set ``torch_dtype``/``dtype`` (at any depth: text/vision sub-configs) of a copied ``config.json``."""
+    if not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return  # not ours to fix; copied as it was
+    name = str(dtype).replace("torch.", "")
+    known = set(DTYPE_CHOICES) | {"float", "half", "bfloat16"}
+
+    def fix(node: Any) -> bool:
+        changed = False
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("torch_dtype", "dtype") and isinstance(v, str) and v.replace("torch.", "") in known:
+                    if v != name:
+                        node[k] = name
+                        changed = True
+                else:
+                    changed = fix(v) or changed
+        elif isinstance(node, list):
+            for v in node:
+                changed = fix(v) or changed
+        return changed
+
+    if fix(data):
+        config.unlink()  # a copy inside the temporary folder: replace it with the corrected one
+        write_json(config, data)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Copy config/tokenizer files (anything but weights and indexes, under 100 MB) of a model folder."""
+    if not src.is_dir():
+        return
+    for f in sorted(src.iterdir()):
+        if (
+            f.is_file()
+            and f.name not in (OUTPUT_MARKER, "layerwise_merge.json")
+            and not is_temporary_name(f.name)
+            and f.suffix not in WEIGHT_SUFFIXES
+            and not f.name.endswith(".index.json")
+            and f.name != SAFETENSORS_INDEX
+            and f.stat().st_size < 100 * 10**6
+            and not (dst / f.name).exists()
+        ):
+            shutil.copy2(f, dst / f.name)
+
+
+def merge_models(
+    method: str,
+    models: Sequence[Any],
+    base: Any = None,
+    *,
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+    **kwargs: Any,
+) -> MergeResult:
+    """Plan and run a merge in one call (keyword arguments as in :func:`plan_merge`; ``out`` and
+    ``overwrite`` as in :func:`execute_plan`).
+
+    Example
+    -------
+    >>> base = {"layers.0.w": torch.zeros(4), "layers.1.w": torch.zeros(4)}
+    >>> ft = [{k: torch.full((4,), float(i + 1)) for k in base} for i in range(2)]
+    >>> merge_models("task_arithmetic", ft, base).tensors["layers.1.w"]
+    tensor([3., 3., 3., 3.])
+    """
+    plan = plan_merge(method, models, base, **kwargs)
+    return execute_plan(plan, out, progress=progress, overwrite=overwrite)
