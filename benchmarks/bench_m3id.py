@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
+from layerwise._device import add_device_argument, resolve_device
 from layerwise.decoding import (
     M3IDLogitsProcessor,
     diffusion_noise,
@@ -34,6 +35,7 @@ from layerwise.decoding.toy_vlm import (
     render_scene,
     sample_scenes,
 )
+from layerwise.errors import ParameterError
 
 
 def _time_interleaved(fns, repeats: int) -> list[float]:
@@ -73,9 +75,13 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: stable on shared CPUs)"
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_device_argument(parser, help="where the models run")
     parser.add_argument("--large", action="store_true", help="add a hidden-1024, 8-layer model (for GPUs)")
     args = parser.parse_args()
+    try:
+        args.device = resolve_device(args.device, name="--device")
+    except ParameterError as err:
+        parser.exit(2, f"error: {err}\n")
     torch.set_num_threads(args.threads)
     repeats, new_tokens = (3, 16) if args.quick else (5, 32)
     spec = SceneSpec()

@@ -22,9 +22,17 @@ with its peak RSS, ``--repeats`` times (default 3) in alternating order, reporti
 task_arithmetic, ties (density 0.2), slerp (t 0.5, base + ft0) and a LoRA merge (a rank-16 adapter on the
 attention projections, ``base+adapter`` task arithmetic); the outputs are compared entry by entry.
 
+Where the time goes (issue 22): ``--profile`` (on by default with the command-line comparison) runs each
+``layerwise merge`` once more in a child process that times its imports and profiles the merge
+(cProfile, main thread): reading (``readinto``), waiting for the write-behind thread, hashing the output
+for the folder marker, compute (the rest); and compares each whole-process time with the disk-read bound,
+the bytes the merge must read divided by the sequential read speed measured on the checkpoint files just
+before (page cache as it is).
+
 Usage: ``python benchmarks/bench_merge.py [--layers 8] [--no-mergekit] [--workdir DIR] [--keep]
-[--repeats 3] [--cli-methods ta,ties,slerp,lora] [--no-inprocess] [--no-cli]`` (about 30 minutes on a shared
-2-core machine at the default size; needs ~8 GB of disk and ~5 GB of RAM for the naive baseline).
+[--repeats 3] [--cli-methods ta,ties,slerp,lora] [--no-inprocess] [--no-cli] [--no-profile]`` (about 30
+minutes on a shared 2-core machine at the default size; needs ~8 GB of disk and ~5 GB of RAM for the naive
+baseline).
 """
 
 from __future__ import annotations
@@ -415,6 +423,99 @@ def cli_benchmark(work: Path, mk_exe: Path | None, methods: list[str], repeats: 
     return results
 
 
+# -- where the time goes ------------------------------------------------------------------------------
+_READ_FUNCS = ("readinto", "pread", "preadv", "'read' of '_io")
+_CATEGORIES = ("import", "read", "compute", "write wait", "output hash", "total")
+
+
+def _child_profile(cfg: Path, work: Path) -> None:
+    """One ``layerwise merge`` in this process: import time, then the merge under cProfile, by category."""
+    import contextlib
+    import cProfile
+    import io
+    import pstats
+
+    start = time.perf_counter()
+    import torch  # noqa: F401
+
+    from layerwise.cli import main
+
+    t_import = time.perf_counter() - start
+    out = work / f"prof_out_{cfg.stem}"
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["merge", str(cfg), "--out", str(out), "--no-progress", "--overwrite"])
+    prof.disable()
+    t_merge = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(rc)
+    cats = {"read": 0.0, "write wait": 0.0, "output hash": 0.0}
+    for (_, _, name), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
+        if any(r in name for r in _READ_FUNCS):
+            cats["read"] += tottime
+        elif "acquire" in name or "'put' of" in name or "join" in name:
+            cats["write wait"] += tottime  # queue full / the final join: the write-behind thread is behind
+        elif "_hashlib" in name:
+            cats["output hash"] += tottime
+    cats["compute"] = max(t_merge - sum(cats.values()), 0.0)
+    print(json.dumps({"import": t_import, **cats, "merge": t_merge, "total": t_import + t_merge}))
+
+
+def read_speed(files: list[Path], block: int = 64 << 20) -> float:
+    """Sequential read speed (bytes/s) over ``files`` (large reads into one buffer; page cache as it is)."""
+    buf = bytearray(block)
+    view = memoryview(buf)
+    total, start = 0, time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return total / max(time.perf_counter() - start, 1e-9)
+
+
+def _bytes_read(work: Path, method: str) -> int:
+    """Bytes of checkpoint data a merge must read: every input model's weight files."""
+    names = {"slerp": ["base", "ft0"], "lora": ["base", "lora"]}.get(
+        method, ["base"] + [f"ft{i}" for i in range(MODELS)]
+    )
+    return sum(f.stat().st_size for n in names for f in (work / n).glob("*.safetensors"))
+
+
+def profile_report(work: Path, methods: list[str], cli_results: dict) -> None:
+    """Print the time breakdown of each ``layerwise merge`` and its distance from the disk-read bound."""
+    import statistics
+
+    speed = read_speed(sorted((work / "ft1").glob("*.safetensors")))
+    me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(work), "--child-profile"]
+    print(
+        f"\n== where the time goes (layerwise merge, one profiled run each; read speed "
+        f"{speed / 1e9:.2f} GB/s)"
+    )
+    print(
+        f"{'method':<10}" + "".join(f"{c:>13}" for c in _CATEGORIES) + f"{'read bound s':>14}{'x bound':>9}"
+    )
+    for method in methods:
+        proc = subprocess.run([*me, str(work / f"cli_{method}.yaml")], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{method:<10} profile failed: {proc.stderr[-500:]}")
+            continue
+        prof = json.loads(proc.stdout.strip().splitlines()[-1])
+        bound = _bytes_read(work, method) / speed
+        runs = cli_results.get(method, {}).get("layerwise") or []
+        wall = statistics.median(r["wall_s"] for r in runs) if runs else prof["total"]
+        print(
+            f"{method:<10}"
+            + "".join(f"{prof[c]:>13.2f}" for c in _CATEGORIES)
+            + f"{bound:>14.2f}{wall / bound:>9.1f}"
+        )
+    print(
+        "(seconds; 'write wait' = main thread blocked on the write-behind queue; 'x bound' = median "
+        "whole-process time of the runs above / (bytes read / read speed))"
+    )
+
+
 def max_abs_diff(a: Path, b: Path) -> tuple[float, int, int]:
     """(max |difference|, number of differing entries, number of entries) between two checkpoints."""
     from layerwise.editing import open_checkpoint
@@ -453,10 +554,15 @@ def main() -> int:
     )
     ap.add_argument("--no-inprocess", action="store_true", help="skip the in-process/naive jobs")
     ap.add_argument("--no-cli", action="store_true", help="skip the command-line comparison")
+    ap.add_argument("--no-profile", action="store_true", help="skip the time breakdown of layerwise merge")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-profile", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(args.child, args.workdir)
+        return 0
+    if args.child_profile:
+        _child_profile(Path(args.child_profile), args.workdir)
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="bench_merge_")) if args.workdir is None else args.workdir
@@ -495,7 +601,9 @@ def main() -> int:
                 raise SystemExit(
                     f"--cli-methods: unknown {bad}; choose from {list(CLI_METHODS + EXTRA_CLI_METHODS)}"
                 )
-            cli_benchmark(work, exe, methods, args.repeats)
+            cli_results = cli_benchmark(work, exe, methods, args.repeats)
+            if not args.no_profile:
+                profile_report(work, methods, cli_results)
         if exe is not None and not args.no_inprocess:
             for method in ("task_arithmetic", "ties"):
                 if wanted is not None and f"mergekit_{method}" not in wanted:

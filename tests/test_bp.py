@@ -389,7 +389,7 @@ def test_reproduces_paper_example_v32_m8_s2():
     assert p_leaf == pytest.approx(0.67, abs=0.02)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py)
 def test_cuda_matches_cpu():
     """The computation follows the evidence's device; a seed gives the same samples on CPU and GPU."""
     rhm = RHM(8, 5, 3, 2, 5, seed=0)

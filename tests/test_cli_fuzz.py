@@ -820,7 +820,7 @@ class _Dummy(dict):
 _VECTORS = _vectors(_Dummy(root=Path("/dummy")))
 # ids of vectors whose fix belongs to another part of issue 21 (the vector's "owner") and had not landed
 # when this fuzz was finalized: marked xfail(strict=False) until it does (listed in the issue's report)
-_PENDING: set[str] = {"gram-meta", "stab-meta", "m3id-meta", "curve-seeds"}
+_PENDING: set[str] = set()
 
 
 @pytest.fixture(scope="module")

@@ -145,3 +145,35 @@ def test_python_runners_and_bad_input(world, capsys):
                  str(root / "y.csv")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert not (root / "x.csv").exists() and not (root / "y.csv").exists()
+
+
+@pytest.mark.parametrize("action", ["pope", "chair", "generate"])
+def test_bad_device_is_one_line_before_any_work(world, tmp_path, capsys, action):
+    """``--device meta`` goes through the central resolver: one line naming --device, exit 2, no file, and it
+    is refused before the model folder is even looked at (a missing folder would otherwise be the error)."""
+    root = world[0]
+    out = tmp_path / "o.csv"
+    if action == "generate":
+        argv = ["m3id", "generate", "--model", str(tmp_path / "missing"), "--prompt", "x",
+                "--unconditional-prompt", "y"]
+    else:
+        data = (["--questions", str(root / "questions.json")] if action == "pope"
+                else ["--annotations", str(root / "annotations.json")])
+        argv = ["m3id", action, "--model", str(tmp_path / "missing"), "--images", str(root / "images"), *data,
+                "--out", str(out)]
+    assert main([*argv, "--device", "meta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device" in err and "meta" in err
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    assert main(argv) == 2  # the same command on cpu fails later, at the missing model folder
+    assert "not found" in capsys.readouterr().err
+
+
+def test_load_for_m3id_validates_device_before_loading(world):
+    from layerwise.decoding.loading import load_for_m3id
+    from layerwise.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="device.*meta"):
+        load_for_m3id(str(world[0] / "model"), device="meta")
+    model, _ = load_for_m3id(str(world[0] / "model"), device="cpu")
+    assert model.device.type == "cpu"

@@ -173,3 +173,31 @@ def test_m3id_experiment_end_to_end(tmp_path):
         results["aggregate"]["greedy"]["chair_s"]["mean"], abs=1e-4
     )
     assert "m3id_lambda=1_cutoff=0.1:chair_i_std" in summary
+
+
+def test_m3id_seeds_are_sweep_points_same_numbers_on_every_executor_and_resume(tmp_path, monkeypatch):
+    """Each seed of m3id is one point of layerwise.sweep: a process pool gives the rows of the in-process run
+    bit for bit, and --resume reads the finished seeds back instead of training again."""
+    from layerwise.experiments import m3id, run_experiment
+    from layerwise.sweep import sweep_options
+
+    tiny = dict(scale="quick", seeds=(0, 1), n_train_scenes=48, train_steps=3, batch_size=8, hidden=32,
+                n_test_scenes=4, n_dpo_images=4, lambdas=(1.0,), dpo_epochs=1.0, n_reliance=2)
+    store = tmp_path / "store"
+    with sweep_options(store=str(store), progress=False):
+        run_experiment("m3id", tmp_path / "a", workers=1, **tiny)  # no executor chosen, 1 worker: in process
+    with sweep_options(executor="process", max_workers=2, progress=False):
+        run_experiment("m3id", tmp_path / "b", **tiny)
+    first = json.loads((tmp_path / "a" / "m3id" / "results.json").read_text())
+    pooled = json.loads((tmp_path / "b" / "m3id" / "results.json").read_text())
+    assert first["per_seed"] == pooled["per_seed"] and {r["seed"] for r in first["per_seed"]} == {0, 1}
+    assert len(list((store / "m3id").glob("*.json"))) == 2  # one file per seed
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished seed was trained again")
+
+    monkeypatch.setattr(m3id, "_one_seed", no_training)
+    with sweep_options(store=str(store), resume=True, progress=False):
+        run_experiment("m3id", tmp_path / "c", workers=1, **tiny)
+    resumed = json.loads((tmp_path / "c" / "m3id" / "results.json").read_text())
+    assert resumed["per_seed"] == first["per_seed"] and resumed["aggregate"] == first["aggregate"]

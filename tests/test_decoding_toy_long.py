@@ -156,15 +156,24 @@ def test_weak_last_lists_faint_partners_after_the_others():
     assert len(orders) > 20  # the salient objects are still shuffled
 
 
-def test_spawned_seed_workers_get_one_thread_pools_and_the_parent_env_returns(monkeypatch):
-    """run_calls(workers > 1): each spawned worker sees OMP/MKL/OPENBLAS_NUM_THREADS = threads (no thread pool
-    sized to every core is created before torch.set_num_threads), and the parent's environment is restored."""
+def test_spawned_seed_workers_get_one_thread_pools_and_the_parent_env_returns(monkeypatch, tmp_path):
+    """seed_sweep with workers > 1 (no executor chosen): the points run in spawned processes that see
+    OMP/MKL/OPENBLAS_NUM_THREADS = torch_threads (no thread pool sized to every core is created before
+    torch.set_num_threads), and the parent's environment is restored."""
     import os
+    from types import SimpleNamespace
 
-    from layerwise.experiments.m3id import run_calls
+    from layerwise.experiments.m3id import seed_sweep, thread_env_point
+    from layerwise.sweep import Point, sweep_options
 
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    names = [("OMP_NUM_THREADS",), ("MKL_NUM_THREADS",), ("OPENBLAS_NUM_THREADS",)]
-    assert run_calls(os.getenv, names, workers=2, threads=1, desc="env") == ["1", "1", "1"]
+    config = SimpleNamespace(workers=2, torch_threads=1)
+    points = [Point({"n": n}, 0) for n in range(3)]
+    with sweep_options(progress=False):
+        seen = seed_sweep("env", thread_env_point, points, config, tmp_path)
+    pids = {r["pid"] for r in seen}
+    assert [{k: v for k, v in r.items() if k != "pid"} for r in seen] == [
+        dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1")] * 3
+    assert os.getpid() not in pids  # they did run in worker processes
     assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ

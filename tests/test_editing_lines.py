@@ -198,3 +198,16 @@ def test_single_block_tower_gets_alpha_plus_beta():
 
     scales = lines_scales(["a.blocks.0.w", "a.emb"], 0.2, 0.8)
     assert scales["a.blocks.0.w"] == pytest.approx(1.0) and scales["a.emb"] == pytest.approx(0.2)
+
+
+def test_apply_lines_explicit_beta_is_used():
+    # lambda(i) = alpha + beta * i / (L - 1) with the beta given, not the single-task 1 - alpha
+    pre = {"emb": torch.zeros(3), **{f"layers.{i}.w": torch.zeros(2) for i in range(5)}}
+    tau = TaskVector(pre, {k: torch.full_like(v, 2.0) for k, v in pre.items()})
+    alpha, beta = 0.2, 0.5
+    scaled = apply_lines(tau, alpha, beta)
+    for i in range(5):
+        assert torch.allclose(scaled[f"layers.{i}.w"], torch.full((2,), 2.0 * (alpha + beta * i / 4)))
+    assert torch.allclose(scaled["emb"], torch.full((3,), 2.0 * alpha))
+    scaled_zero = apply_lines(tau, alpha, 0.0)  # beta = 0: a uniform scaling by alpha
+    assert all(torch.allclose(scaled_zero[k], 2.0 * alpha * torch.ones_like(v)) for k, v in pre.items())

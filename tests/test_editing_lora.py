@@ -158,3 +158,49 @@ def test_unsupported_adapters_are_refused(llama, tmp_path):
     (tmp_path / "cfg" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 0}))
     with pytest.raises(CheckpointError, match="r must be a positive number"):
         LoraCheckpoint(root / "base", tmp_path / "cfg")
+
+
+def test_rank_and_alpha_patterns_match_peft(llama, tmp_path):
+    """Per-module rank_pattern / alpha_pattern override r / lora_alpha (scaling alpha / r per module)."""
+    root, base, _ = llama
+    model = transformers.LlamaForCausalLM.from_pretrained(root / "base")
+    ref = _adapter(
+        model,
+        tmp_path / "pat",
+        5,
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"v_proj": 32},
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )
+    cfg = json.loads((tmp_path / "pat" / "adapter_config.json").read_text())
+    assert cfg["alpha_pattern"] == {"v_proj": 32} and cfg["rank_pattern"] == {"q_proj": 2}
+    got = LoraCheckpoint(root / "base", tmp_path / "pat").to_dict()
+    for k in base:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-6, msg=k)
+    # v_proj's delta is scaled by 32 / 4 = 8, not lora_alpha / r = 2: the pattern changes the weights
+    k = "model.layers.0.self_attn.v_proj.weight"
+    assert float((ref[k] - base[k]).abs().max()) > 1e-3
+
+
+def test_saved_embedding_base_layer_replaces_the_base_embedding(llama, tmp_path):
+    """An adapter on embeddings saves its (trained, possibly changed) base layer: it replaces the base's."""
+    root, base, _ = llama
+    model = transformers.LlamaForCausalLM.from_pretrained(root / "base")
+    with torch.no_grad():  # the fine-tune changed the embedding itself (e.g. trained new token rows)
+        model.model.embed_tokens.weight[:4] += 0.5
+    ref = _adapter(model, tmp_path / "emb", 6, r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "emb" / "adapter_model.safetensors", "pt") as f:
+        assert any(k.endswith("embed_tokens.base_layer.weight") for k in f.keys())
+    ck = LoraCheckpoint(root / "base", tmp_path / "emb")
+    got = ck.to_dict()
+    k = "model.embed_tokens.weight"
+    for key in base:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-6, msg=key)
+        out = torch.empty(base[key].numel(), dtype=torch.float32)
+        ck.read_into(key, out)
+        torch.testing.assert_close(out, ref[key].reshape(-1), atol=1e-6, rtol=1e-6, msg=key)
+    assert k in ck.adapted_keys

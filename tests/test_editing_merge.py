@@ -179,14 +179,38 @@ def test_dare_given_its_draws_matches_formula_and_statistics():
     base, fts = _setup(3)
     p = 0.6
     res = merge_models("dare", fts, base, params={"drop_rate": p}, seed=5, chunk_elements=10)
+    prob = merge_models(
+        "dare", fts, base, params={"drop_rate": p, "rescale_mode": "probability"}, seed=5, chunk_elements=10
+    )
     taus = _taus(base, fts)
     for k in FKEYS(base):
         n = base[k].numel()
         masks = [uniform_draws(5, k, t, 0, n, n).reshape(base[k].shape) >= p for t in range(T)]
-        expected = base[k].double() + sum(
-            torch.where(m, tau[k] / (1 - p), 0) for m, tau in zip(masks, taus, strict=False)
-        )
+        kept = [torch.where(m, tau[k], 0) for m, tau in zip(masks, taus, strict=False)]
+        # default (mergekit): each kept tensor scaled back to the L1 norm of its task vector
+        l1 = [
+            tau[k].abs().sum() / kp.abs().sum() if kp.abs().sum() >= 1e-7 else 1.0
+            for kp, tau in zip(kept, taus, strict=False)
+        ]
+        expected = base[k].double() + sum(f * kp for f, kp in zip(l1, kept, strict=False))
         torch.testing.assert_close(res.tensors[k].double(), expected, atol=2e-6, rtol=0)
+        # rescale_mode probability (the paper): kept entries divided by 1 - p
+        expected = base[k].double() + sum(kp / (1 - p) for kp in kept)
+        torch.testing.assert_close(prob.tensors[k].double(), expected, atol=2e-6, rtol=0)
+    # the property mergekit keeps: one sparsified task vector has its tensor's L1 norm (ratio 1), while
+    # dividing by 1 - p gives ratios that scatter around 1
+    one = merge_models("dare", fts[:1], base, params={"drop_rate": p}, seed=5, chunk_elements=10).tensors
+    one_p = merge_models(
+        "dare", fts[:1], base, params={"drop_rate": p, "rescale_mode": "probability"}, seed=5
+    ).tensors
+    ratios = []
+    for k in FKEYS(base):
+        tau_l1 = float((fts[0][k] - base[k]).double().abs().sum())
+        if tau_l1 == 0:
+            continue
+        assert float((one[k] - base[k]).double().abs().sum()) == pytest.approx(tau_l1, rel=1e-5)
+        ratios.append(float((one_p[k] - base[k]).double().abs().sum()) / tau_l1)
+    assert max(abs(r - 1) for r in ratios) > 0.02
     # same seed -> same result; another seed -> another result
     again = merge_models("dare", fts, base, params={"drop_rate": p}, seed=5)
     other = merge_models("dare", fts, base, params={"drop_rate": p}, seed=6)
@@ -207,7 +231,10 @@ def test_dare_draws_are_uniform_unbiased_and_chunking_invariant():
     base = {"w": torch.zeros(2000)}
     ft = {"w": torch.linspace(-1, 1, 2000)}
     mean = sum(
-        merge_models("dare", [ft], base, params={"drop_rate": 0.5}, seed=s).tensors["w"] for s in range(400)
+        merge_models(
+            "dare", [ft], base, params={"drop_rate": 0.5, "rescale_mode": "probability"}, seed=s
+        ).tensors["w"]
+        for s in range(400)
     )
     mean = mean / 400
     # per-entry std of the mean: |x| * 1/sqrt(400) (Bernoulli(0.5) times 2x) <= 0.05; check the average error
@@ -217,8 +244,10 @@ def test_dare_draws_are_uniform_unbiased_and_chunking_invariant():
 @pytest.mark.parametrize("method", sorted(MERGE_METHODS.names()))
 def test_common_streaming_equals_in_memory_and_chunking_invariant(method, tmp_path):
     base, fts = _setup(4)
-    params = {"target": 2} if method == "tall_masks" else {"t": 0.3} if method == "slerp" else {}
-    fts = fts[:1] if method == "slerp" else fts  # SLERP: the base and one model
+    params = {"tall_masks": {"target": 2}, "slerp": {"t": 0.3}, "nearswap": {"t": 0.05}}.get(method, {})
+    params = {**params, **({"select_topk": 0.5} if method == "sce" else {})}
+    one = ("slerp", "nearswap", "passthrough")
+    fts = fts[:1] if method in one else fts  # SLERP, NearSwap: the base and one model
     whole = merge_models(method, fts, base, params=params, seed=1)
     chunked = merge_models(method, fts, base, params=params, seed=1, chunk_elements=5)
     out = merge_models(

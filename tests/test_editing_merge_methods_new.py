@@ -190,7 +190,7 @@ def test_della_unbiased_rescaling_and_keep_rates():
     base = {"layers.0.w": torch.zeros(n_rows, row)}
     delta = torch.randn(n_rows, row, generator=g)
     ft = {"layers.0.w": delta}
-    params = {"density": 0.5, "epsilon": 0.3, "combine": "sum"}
+    params = {"density": 0.5, "epsilon": 0.3, "combine": "sum", "rescale_mode": "probability"}
     out = merge_models("della", [ft], base, params=params, seed=7).tensors["layers.0.w"]
     kept = out != 0
     # a kept entry is delta / p with p = 0.2 + 0.6 r / 49; the smallest-magnitude entry of each row has p 0.2
@@ -208,6 +208,14 @@ def test_della_unbiased_rescaling_and_keep_rates():
     torch.testing.assert_close(again["layers.0.w"], out)
     other = merge_models("della", [ft], base, params=params, seed=8).tensors["layers.0.w"]
     assert not torch.equal(other, out)
+    # the default rescale_mode l1 (mergekit): the same kept entries, all multiplied by one factor that
+    # gives the pruned tensor the L1 norm of the task vector
+    l1 = merge_models("della", [ft], base, params={**params, "rescale_mode": "l1"}, seed=7).tensors
+    l1 = l1["layers.0.w"].double()
+    assert torch.equal(l1 != 0, kept)
+    factor = float(delta.double().abs().sum() / delta.double()[kept].abs().sum())
+    torch.testing.assert_close(l1[kept], factor * delta.double()[kept], atol=1e-5, rtol=1e-5)
+    assert float(l1.abs().sum()) == pytest.approx(float(delta.double().abs().sum()), rel=1e-5)
 
 
 def test_della_lambda_rescale_and_validation():
@@ -228,7 +236,7 @@ def test_dare_normalize_and_rescale_options():
     base = {"w": torch.zeros(200)}
     fts = [{"w": torch.randn(200, generator=g)} for _ in range(2)]
     mp = [{"weight": 1.0}, {"weight": 3.0}]
-    p = {"drop_rate": 0.5}
+    p = {"drop_rate": 0.5, "rescale_mode": "probability"}
     s = merge_models("dare", fts, base, params=p, model_params=mp).tensors["w"]
     sn = merge_models("dare", fts, base, params={**p, "normalize": True}, model_params=mp).tensors["w"]
     torch.testing.assert_close(sn, s / 4)

@@ -286,7 +286,7 @@ def test_dare_and_breadcrumbs_translation():
     [
         ({"chat_template": "chatml"}, "chat_template"),
         ({"merge_method": "passthrough"}, "passthrough"),
-        ({"tokenizer_source": "union"}, "tokenizer_source"),
+        ({"tokenizer_source": "some/other-model"}, "tokenizer_source"),
         ({"tokenizer": {"source": "base"}}, "tokenizer"),
         ({"parameters": {"normalize": True, "rescale": True}}, "rescale"),
         ({"slices": [{"sources": []}, {"sources": []}], "models": None}, "slices"),
@@ -339,3 +339,101 @@ def test_vocabulary_mismatch_with_tokenizer_source_base(llama, tmp_path):
     k = "model.embed_tokens.weight"
     torch.testing.assert_close(res[k][:30], padded[k][:30], atol=1e-6, rtol=0)
     torch.testing.assert_close(res[k][30:], base[k][30:], atol=0, rtol=0)
+
+
+def test_della_defaults_follow_mergekit(llama, tmp_path):
+    """mergekit's della defaults to normalize: true (della_linear: false), rescale: true, lambda 1."""
+    cfg = {
+        "models": [
+            {"model": "ft0", "parameters": {"weight": 0.6, "density": 1.0, "epsilon": 0.0}},
+            {"model": "ft1", "parameters": {"weight": 0.9, "density": 1.0, "epsilon": 0.0}},
+        ],
+        "merge_method": "della",
+        "base_model": "base",
+        "dtype": "float32",
+    }
+    ours = translate_mergekit(cfg)
+    assert ours["parameters"]["normalize"] is True and ours["parameters"]["combine"] == "ties"
+    assert translate_mergekit({**cfg, "merge_method": "della_linear"})["parameters"]["normalize"] is False
+    (llama / "della_default.yml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "della_default"
+    assert main(["merge", str(llama / "della_default.yml"), "--out", str(out), "--no-progress"]) == 0
+    merged, base = _sd(out), _sd(llama / "base")
+    f0, f1 = _sd(llama / "ft0"), _sd(llama / "ft1")
+    for k in base:  # density 1 keeps every entry: TIES sign election, mean weighted by the agreeing weights
+        w = torch.tensor([0.6, 0.9], dtype=torch.float64).reshape(-1, *[1] * base[k].dim())
+        tau = torch.stack([f0[k].double() - base[k].double(), f1[k].double() - base[k].double()])
+        sign = torch.where((w * tau).sum(0) >= 0, 1.0, -1.0)
+        agree = (w * tau * sign) > 0
+        num, den = (w * tau * agree).sum(0), (w * agree).sum(0)
+        ref = base[k].double() + num / torch.where(den == 0, 1.0, den)
+        torch.testing.assert_close(merged[k].double(), ref, atol=2e-6, rtol=0, msg=k)
+
+
+def test_lambda_for_the_task_arithmetic_family_in_mergekit_configs(llama, tmp_path):
+    """mergekit 0.1.5 takes lambda (global) for task_arithmetic, ties, dare_*, breadcrumbs*, della*."""
+    for mk in (
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+    ):
+        cfg = {
+            "models": [{"model": "ft0", "parameters": {"weight": 1.0}}],
+            "merge_method": mk,
+            "base_model": "base",
+            "parameters": {"lambda": 0.25},
+        }
+        assert translate_mergekit(cfg)["parameters"]["lambda"] == 0.25, mk
+    with pytest.raises(ConfigError, match="lambda"):
+        translate_mergekit(
+            {
+                "models": ["a"],
+                "merge_method": "slerp",
+                "base_model": "b",
+                "parameters": {"t": 0.5, "lambda": 0.5},
+            }
+        )
+    cfg = {
+        "models": [{"model": "ft0", "parameters": {"weight": 0.7}}, {"model": "ft1"}],
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "parameters": {"lambda": 0.25, "weight": 1.0},
+        "dtype": "float32",
+    }
+    (llama / "ta_lambda.yml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "ta_lambda"
+    assert main(["merge", str(llama / "ta_lambda.yml"), "--out", str(out), "--no-progress"]) == 0
+    merged, base, f0, f1 = _sd(out), _sd(llama / "base"), _sd(llama / "ft0"), _sd(llama / "ft1")
+    for k in base:
+        ref = base[k].double() + 0.25 * (0.7 * (f0[k] - base[k]) + (f1[k] - base[k])).double()
+        torch.testing.assert_close(merged[k].double(), ref, atol=2e-6, rtol=0)
+    # a per-model lambda, equal for every model, becomes the global one (with a warning)
+    per_model = {**cfg, "parameters": {"weight": 1.0}}
+    per_model["models"] = [{"model": m, "parameters": {"lambda": 0.25}} for m in ("ft0", "ft1")]
+    with pytest.warns(UserWarning, match="mergekit 0.1.5 reads lambda only"):
+        assert translate_mergekit(per_model)["parameters"]["lambda"] == 0.25
+
+
+def test_yaml_scientific_notation_strings_are_numbers():
+    """PyYAML reads ``1e-5`` (no dot) as a string; mergekit converts numeric strings, so does layerwise."""
+    cfg = yaml.safe_load(
+        "models:\n  - model: a\n  - model: b\nmerge_method: karcher\n"
+        "parameters:\n  max_iter: 10\n  tol: 1e-5\n"
+    )
+    assert cfg["parameters"]["tol"] == "1e-5"
+    assert translate_mergekit(cfg)["parameters"] == {"max_iter": 10, "tol": 1e-5}
+    cfg = yaml.safe_load(
+        "models:\n  - model: a\n    parameters:\n      density: [1e-1, 5e-1]\n      weight: 1\n"
+        "merge_method: dare_linear\nbase_model: b\n"
+    )
+    out = translate_mergekit(cfg)["models"][0]["parameters"]
+    assert out["drop_rate"] == pytest.approx([0.9, 0.5])
+    with pytest.raises(ConfigError):  # a non-numeric string stays a string and is refused by the method
+        from layerwise.editing.config import parse_merge_config
+
+        parse_merge_config({**cfg, "parameters": {"lambda": "big"}}, check_files=False)

@@ -114,3 +114,102 @@ def test_paired_verdict_rule():
     assert paired_verdict([1.0, 1.1, 1.2], [0.0, 0.1, 0.2])[0] == "reproduced"
     assert paired_verdict([1.0, 0.0, 1.0], [0.0, 0.9, 0.9])[0] == "partly"
     assert paired_verdict([0.0, 0.0], [0.1, 0.1])[0] == "not reproduced"
+
+
+def test_lines_plain_merges_search_the_authors_grids(monkeypatch):
+    """The merge coefficient of plain task arithmetic / Consensus is searched on 0.1..1.0 (step 0.1) and
+    TIES on 0.1..1.5, the LiNeS authors' grids (not wider ones)."""
+    from layerwise.experiments import lines as lines_exp
+
+    tenths = [round(0.1 * k, 6) for k in range(1, 16)]
+    expected = {"task_arithmetic": tenths[:10], "consensus": tenths[:10], "ties": tenths}
+    seen = []
+    real = lines_exp.search_addition
+
+    def spy(evaluate, finetuned, grid):
+        seen.append([round(g, 6) for g in grid])
+        return real(evaluate, finetuned, grid)
+
+    monkeypatch.setattr(lines_exp, "search_addition", spy)
+    config = lines_exp.Config(tasks=("rot90", "stripes"), **TINY)
+    w = get_world(WorldSpec(arch="vit", tasks=config.tasks, seed=0, pretrain_steps=20, ft_steps=4,
+                            n_train=60, n_val=40, n_test=40))
+    out = lines_exp._multi_task(w, config)
+    # per method: the plain search, then the LiNeS beta search, both on the method's grid
+    assert seen == [g for m in lines_exp.METHODS for g in (expected[m], expected[m])]
+    assert all(out[m]["scale"] in expected[m] for m in lines_exp.METHODS)
+
+
+@pytest.mark.slow
+def test_seed_points_give_the_same_numbers_on_any_executor(tmp_path):
+    """Seeds are sweep points: a spawned process pool (fresh processes: their own pre-training and
+    fine-tunes) gives the numbers of the in-process run, bit for bit (timings aside)."""
+    import csv
+
+    from layerwise.sweep import sweep_options
+
+    runs = {
+        "task-arithmetic": ({"xi_grid": (-1.0, 0.0, 1.0), "xi_samples": 10}, "per_seed.csv"),
+        "lines": ({"uniform_grid": (0.0, 0.5, 1.0)}, "single_task_rows.csv"),
+    }
+    timing = {"ft_time_ratio", "runtime_s"}
+    for name, (extra, table) in runs.items():
+        kw = {"tasks": ("rot90", "stripes"), **extra, **TINY}
+        with sweep_options(progress=False):
+            a = run_experiment(name, tmp_path / "inprocess", **kw)
+        with sweep_options(executor="process", max_workers=2, progress=False):
+            b = run_experiment(name, tmp_path / "process", **kw)
+        same = [k for k in a if k not in timing]
+        assert same and {k: a[k] for k in same} == {k: b[k] for k in same}
+        rows = [
+            [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(open(d / name / table))]
+            for d in (tmp_path / "inprocess", tmp_path / "process")
+        ]
+        assert rows[0] == rows[1] and len(rows[0]) >= 2
+        points = list((tmp_path / "process" / name / "points").glob("*.json"))
+        assert len(points) == len(TINY["seeds"])  # one result file per seed point
+
+
+def test_world_batched_passes_equal_one_pass_per_task():
+    """Forward passes and jvps over several tasks' concatenated inputs give each task's numbers bit for bit
+    (what lets the experiments batch them)."""
+    from torch.func import functional_call
+
+    from layerwise.tangent.linearize import linearized_jvp
+
+    w = get_world(WorldSpec(arch="vit", tasks=("rot90", "stripes"), seed=1, pretrain_steps=5, ft_steps=3,
+                            n_train=80, n_val=20, n_test=30))
+    tau = w.tau("nonlinear", "rot90")
+    deltas = {k: 0.6 * v for k, v in tau.items()}
+    names = ("rot90", "stripes", "upright")
+    many = w.features_many(deltas, names, "test")
+    params = {k: v + deltas[k] if k in deltas else v for k, v in w.theta0.items()}
+    with torch.no_grad():
+        for t in names:
+            x, y = w.data(t, "test")
+            alone = functional_call(w.encoder, params, (x,))
+            assert torch.equal(many[t], alone), t
+            _, jt = linearized_jvp(w.encoder, w.params0(), tau, (x,))
+            assert torch.equal(w.jvp("nonlinear", "rot90", t, "test"), jt), t
+            acc = float((w.heads[t](alone).argmax(-1) == y).double().mean())
+            assert w.acc_deltas_many(deltas, names, "test")[t] == acc
+
+
+def test_resume_reuses_finished_seeds(tmp_path, monkeypatch):
+    from layerwise.experiments import task_arithmetic as ta
+    from layerwise.sweep import SweepError, sweep_options
+
+    kw = {"tasks": ("rot90", "stripes"), "xi_grid": (-1.0, 0.0, 1.0), "xi_samples": 10, **TINY}
+    store = tmp_path / "store"
+    with sweep_options(progress=False, store=str(store)):
+        first = run_experiment("task-arithmetic", tmp_path / "a", **kw)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished seed was recomputed")
+
+    monkeypatch.setattr(ta, "_seed_results", fail)
+    with sweep_options(progress=False, store=str(store), resume=True):
+        again = run_experiment("task-arithmetic", tmp_path / "b", **kw)
+    assert again == {**first, "runtime_s": again["runtime_s"]}
+    with sweep_options(progress=False, store=str(store)), pytest.raises(SweepError, match="recomputed"):
+        run_experiment("task-arithmetic", tmp_path / "c", **kw)  # without resume: recomputed

@@ -83,10 +83,11 @@ def test_reproduce_passes_sweep_options_to_the_experiments(tmp_path, monkeypatch
     name, opts = seen[-1]
     assert name == "rhm-learning" and opts.executor == "process" and opts.max_workers == 3 and opts.resume
     assert opts.store == str(out / ".sweeps")
-    main(["reproduce", "rhm-learning", "--out", str(out), "--executor", "dask", "--address", "tcp://h:1"])
-    assert seen[-1][1].executor == "dask" and seen[-1][1].address == "tcp://h:1" and not seen[-1][1].resume
-    main(["reproduce", "rhm-learning", "--out", str(out), "--executor", "slurm", "--partition", "gpu"])
-    assert seen[-1][1].partition == "gpu"
+    main(["reproduce", "rhm-learning", "--out", str(out), "--executor", "dask", "--scheduler", "tcp://h:1"])
+    assert seen[-1][1].executor == "dask" and seen[-1][1].scheduler == "tcp://h:1" and not seen[-1][1].resume
+    main(["reproduce", "rhm-learning", "--out", str(out), "--executor", "slurm", "--partition", "gpu",
+          "--slurm-cluster", "debug"])  # no SLURM on a test machine: its stand-in, asked for explicitly
+    assert seen[-1][1].partition == "gpu" and seen[-1][1].slurm_cluster == "debug"
     assert current_options().executor == "inprocess"  # restored after the command
 
 
@@ -96,8 +97,8 @@ def test_reproduce_refuses_bad_sweep_options_before_writing(tmp_path, monkeypatc
     from layerwise.cli import main
 
     out = tmp_path / "res"
-    assert main(["reproduce", "rhm-learning", "--out", str(out), "--address", "tcp://h:1"]) == 2
-    assert "address is only used with executor='dask'" in capsys.readouterr().err and not out.exists()
+    assert main(["reproduce", "rhm-learning", "--out", str(out), "--scheduler", "tcp://h:1"]) == 2
+    assert "scheduler is only used with executor='dask'" in capsys.readouterr().err and not out.exists()
     monkeypatch.setitem(sys.modules, "distributed", None)
     assert main(["reproduce", "rhm-learning", "--out", str(out), "--executor", "dask"]) == 2
     assert "layerwise[dask]" in capsys.readouterr().err and not out.exists()

@@ -139,7 +139,7 @@ def test_evaluate_matches_manual():
     assert ev["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, y)), rel=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py)
 def test_train_on_cuda_matches_cpu_batch_order():
     _, x, y = _data(64)
     net = HierarchicalCNN(8, 8, 2, 2, 16, seed=0)

@@ -182,7 +182,7 @@ def test_bad_input_names_the_parameter():
         laplace(X, block_size=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda  # skipped without a CUDA device (tests/conftest.py)
 def test_cuda_matches_cpu():
     X = torch.rand(50, 8, dtype=torch.float64)
     K = local_kernel(X.cuda(), None, 2, "ntk_relu")

@@ -81,7 +81,7 @@ def test_gram_refuses_to_overwrite_and_names_bad_parameters(data, tmp_path, caps
     assert "base must be one of" in capsys.readouterr().err
     assert main(["kernels", "gram", "--kind", "full", "--device", "bogus", "--data", str(path),
                  "--out", new]) == 2
-    assert "device must be a usable torch device" in capsys.readouterr().err
+    assert "--device must be one of cpu, cuda" in capsys.readouterr().err
 
 
 CONFIG = """
@@ -169,7 +169,9 @@ def test_curve_refuses_sizes_that_cannot_fit(tmp_path, capsys, change, monkeypat
 def test_curve_refuses_a_seed_loop_over_the_time_limit(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     seeds = ", ".join(str(s) for s in range(100000))
-    cfg.write_text(CONFIG.replace("seeds: [0, 1]", f"seeds: [{seeds}]") + "max_hours: 0.0001\n")
+    # max_seeds raised: the time estimate after the first seed is what refuses here
+    cfg.write_text(CONFIG.replace("seeds: [0, 1]", f"seeds: [{seeds}]") + "max_hours: 0.0001\n"
+                   "max_seeds: 100000\n")
     assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "100000 seeds would take about" in err and "max_hours" in err
@@ -179,6 +181,30 @@ def test_curve_refuses_a_seed_loop_over_the_time_limit(tmp_path, capsys):
     cfg.write_text(CONFIG + "max_hours: -1\n")
     assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "p")]) == 2
     assert "max_hours" in capsys.readouterr().err
+
+
+def test_curve_refuses_too_many_seeds_before_any_work(tmp_path, capsys):
+    # 100000 seeds of a tiny curve take minutes, well under max_hours (24): the seed cap refuses them at
+    # once, with the size of the run (100000 seeds x 3 sizes x 2 pairs = 600000 regressions)
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    seeds = ", ".join(str(s) for s in range(100000))
+    cfg.write_text(CONFIG.replace("seeds: [0, 1]", f"seeds: [{seeds}]"))
+    start = time.perf_counter()
+    assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert "seeds has 100000 entries, over the cap of 10000" in err and "6e+05 regressions" in err
+    assert "max_seeds" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    assert elapsed < 60  # the YAML parse of 100000 numbers dominates; no seed runs
+    cfg.write_text(CONFIG + "max_seeds: 1\n")  # the config key sets the cap
+    assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "seeds has 2 entries, over the cap of 1" in capsys.readouterr().err
+    for bad in ("0", "1.5", "true"):
+        cfg.write_text(CONFIG + f"max_seeds: {bad}\n")
+        assert main(["kernels", "curve", str(cfg), "--out", str(tmp_path / "o")]) == 2
+        assert "config key 'max_seeds' must be an integer >= 1" in capsys.readouterr().err
 
 
 _CHILD = """

@@ -177,7 +177,7 @@ def test_learning_curve_bad_input():
         learning_curve(k, k, [8], 4, [0], hypercube(2), ridge=-0.1)
     with pytest.raises(ParameterError, match="seeds\\[0\\]"):
         learning_curve(k, k, [8], 4, [-1], hypercube(2))
-    with pytest.raises(ParameterError, match="device must be a usable torch device"):
+    with pytest.raises(ParameterError, match="device must be one of cpu, cuda"):
         learning_curve(k, k, [8], 4, [0], hypercube(2), device="bogus")
 
 
@@ -230,3 +230,28 @@ def test_student_t_quantile_matches_scipy(dof):
 
     for q in (0.6, 0.75, 0.95, 0.975, 0.995):
         assert _t_quantile(q, dof) == pytest.approx(float(student_t.ppf(q, dof)), rel=1e-11)
+
+
+def test_seed_cap_refuses_before_any_work_on_its_boundary():
+    from layerwise.errors import ResourceError
+    from layerwise.kernels.curves import MAX_SEEDS
+
+    class Drawn(Exception):
+        pass
+
+    def sampler(n, gen):  # reached only after the seed cap was passed
+        raise Drawn
+
+    k = functools.partial(laplace, sigma=1.0)
+    run = functools.partial(learning_curve, k, {"a": k, "b": k}, [4, 8], 4, sampler=sampler)
+    with pytest.raises(ResourceError, match=r"seeds has 10001 entries, over the cap of 10000: the curve "
+                                            r"would run 4e\+04 regressions \(10001 seeds x 2 sizes x 2"):
+        run(list(range(MAX_SEEDS + 1)))
+    with pytest.raises(Drawn):  # exactly at the cap: allowed
+        run(list(range(MAX_SEEDS)))
+    with pytest.raises(Drawn):  # no cap
+        run(list(range(MAX_SEEDS + 1)), max_seeds=None)
+    with pytest.raises(ResourceError, match="seeds has 3 entries, over the cap of 2"):
+        run([0, 1, 2], max_seeds=2)
+    with pytest.raises(ParameterError, match="max_seeds"):
+        run([0], max_seeds=0)

@@ -142,8 +142,8 @@ def test_threads_option_is_applied_and_restored(tmp_path):
 def test_options_validation_and_context(tmp_path):
     with pytest.raises(ParameterError, match="executor must be one of"):
         SweepOptions(executor="mpi")
-    with pytest.raises(ParameterError, match="address is only used"):
-        SweepOptions(executor="process", address="tcp://x:1")
+    with pytest.raises(ParameterError, match="scheduler is only used"):
+        SweepOptions(executor="process", scheduler="tcp://x:1")
     with pytest.raises(ParameterError, match="max_workers"):
         SweepOptions(max_workers=0)
     with pytest.raises(ParameterError, match="unknown sweep option"):

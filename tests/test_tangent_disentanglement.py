@@ -3,6 +3,7 @@ disentangled-by-construction pair, the linearized closed form, and bad input."""
 
 from __future__ import annotations
 
+import copy
 import doctest
 
 import pytest
@@ -33,8 +34,9 @@ def _setup(seed=0):
 
 
 def _moved(net, taus, a1, a2):
-    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 5)).double()
-    m.load_state_dict({k: v + a1 * taus[0][k] + a2 * taus[1][k] for k, v in net.state_dict().items()})
+    m = copy.deepcopy(net).eval()  # buffers (if any) stay those of net, as at theta0
+    moved = {k: v + a1 * taus[0][k] + a2 * taus[1][k] for k, v in net.state_dict().items() if k in taus[0]}
+    m.load_state_dict(moved, strict=False)
     return m
 
 
@@ -200,3 +202,46 @@ def test_heat_map_helper(tmp_path):
         plot_disentanglement(r.xi)
     with pytest.raises(ParameterError, match="shape"):
         plot_disentanglement(r.xi, r.a1[:3], r.a2)
+
+
+def _bn_net():
+    return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 5)).double()
+
+
+@pytest.mark.parametrize("linearized", [False, True])
+def test_uses_theta0_buffers_in_eval_mode(linearized):
+    """BatchNorm: xi must use theta0's running statistics (not the model's own) and eval-mode normalisation
+    (not the batch's statistics), whatever mode the model is in; brute force on a model loaded with theta0."""
+    torch.manual_seed(4)
+    ref_net = _bn_net()
+    g = torch.Generator().manual_seed(5)
+    bn = ref_net[1]
+    with torch.no_grad():
+        bn.running_mean.copy_(2.0 * torch.randn(6, generator=g, dtype=torch.float64))
+        bn.running_var.copy_(0.2 + 3.0 * torch.rand(6, generator=g, dtype=torch.float64))
+    theta0 = {k: v.clone() for k, v in ref_net.state_dict().items()}
+    taus = [
+        {n: 0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in ref_net.named_parameters()}
+        for _ in range(2)
+    ]
+    data = [torch.randn(30, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    heads = [nn.Linear(5, 3).double() for _ in range(2)]
+    grid = [-1.0, 0.0, 1.5]
+    ref_net.eval()
+    ref = _brute(ref_net, taus, data, heads, grid, linearized, kind="regression")
+    # the model given has the same parameters but other running statistics, and is in train mode
+    model = _bn_net()
+    model.load_state_dict({k: v for k, v in theta0.items() if "running" not in k}, strict=False)
+    model.train()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    r = disentanglement_error(
+        model, theta0, taus[0], taus[1], data[0], data[1], grid, linearized=linearized,
+        heads=tuple(heads), kind="regression",
+    )
+    torch.testing.assert_close(r.xi, ref, rtol=1e-9, atol=1e-12)
+    assert float(ref.max()) > 0.1
+    assert model.training  # the caller's mode comes back
+    for k, v in model.state_dict().items():  # and neither the model's buffers nor theta0 moved
+        assert torch.equal(v, own[k]), k
+    for k, v in ref_net.state_dict().items():
+        assert torch.equal(v, theta0[k]), k

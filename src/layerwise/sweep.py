@@ -11,11 +11,18 @@ Executors (``executor=``):
 * ``"inprocess"`` (default): one point after the other in this process, in the order given;
 * ``"process"``: a local process pool with the ``spawn`` start method (forked workers can deadlock in
   torch's thread pool);
-* ``"dask"``: Dask distributed (extra ``dask``), on the scheduler at ``address`` (``tcp://HOST:PORT``) or,
-  without one, on a ``LocalCluster`` of ``max_workers`` single-threaded worker processes started for the
-  sweep;
-* ``"slurm"``: one SLURM job per point (submitted as one job array) through submitit (extra ``slurm``) on
-  ``partition``; job logs go to ``<folder>/submitit/``.
+* ``"dask"``: Dask distributed (extra ``dask``), on the existing cluster whose scheduler is at ``scheduler``
+  (``tcp://HOST:PORT``) or, without one, on a ``LocalCluster`` of ``max_workers`` single-threaded worker
+  processes started for the sweep;
+* ``"slurm"``: SLURM jobs through submitit (extra ``slurm``), submitted as one job array on ``partition``;
+  each job runs ``slurm_points_per_job`` points (default 1) one after the other and writes each point's
+  file as soon as it finishes, so a job that dies keeps its finished points. The ``slurm_*`` options set
+  the job resources (time, CPUs, memory, GPUs, account, QoS, how many array jobs run at once); with
+  ``slurm_requeue`` the jobs are submitted with ``--requeue`` and are checkpointable: a job that is
+  preempted or reaches its time limit is requeued by submitit and skips the points it had finished. Job
+  logs go to ``<folder>/submitit/``. Where no SLURM cluster is reachable (no ``sbatch``) it refuses in one
+  line instead of falling back to this machine as submitit would; ``slurm_cluster="local"`` or ``"debug"``
+  asks for submitit's stand-ins on this machine explicitly (see :func:`check_slurm_cluster`).
 
 The point function ``fn(config: dict, seed: int) -> dict`` must be importable (a module-level function)
 and deterministic given its arguments; a script that runs a ``"process"`` sweep needs the usual
@@ -53,6 +60,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -66,18 +74,25 @@ from .errors import LayerwiseError, MissingExtraError, ParameterError, Parameter
 
 __all__ = [
     "EXECUTORS",
+    "SLURM_CLUSTERS",
     "Point",
     "PointResult",
     "SweepError",
     "SweepOptions",
     "SweepResult",
+    "check_slurm_cluster",
     "current_options",
     "point_key",
     "run_sweep",
+    "slurm_parameters",
     "sweep_options",
 ]
 
 EXECUTORS = ("inprocess", "process", "dask", "slurm")
+#: ``slurm_cluster`` values: None or "slurm" need a reachable SLURM cluster (``sbatch`` on PATH); "local"
+#: and "debug" are submitit's stand-ins that run the jobs on this machine (asked for explicitly, never a
+#: silent fallback).
+SLURM_CLUSTERS = (None, "slurm", "local", "debug")
 _FORMAT = "layerwise-sweep-point/1"
 
 PointFn = Callable[[dict[str, Any], int], Mapping[str, Any]]
@@ -195,7 +210,8 @@ class SweepOptions:
     Attributes
     ----------
     executor : one of :data:`EXECUTORS`.
-    address : Dask scheduler address (``tcp://HOST:PORT``); None starts a LocalCluster.
+    scheduler : address (``tcp://HOST:PORT``) of the scheduler of an existing Dask cluster
+        (``executor="dask"``); None starts a LocalCluster.
     partition : SLURM partition (``executor="slurm"``).
     max_workers : worker processes (process pool, LocalCluster); default ``min(4, os.cpu_count())``.
     threads : torch threads per point (the same for every executor, so results match); None leaves torch's.
@@ -203,13 +219,23 @@ class SweepOptions:
     progress : show a tqdm bar over points.
     store : root folder under which experiments keep their sweep points between runs (set by the CLI);
         None means each experiment keeps them inside its own output folder.
-    slurm_timeout_min, slurm_cpus_per_task, slurm_mem_gb : SLURM job resources.
-    slurm_cluster : submitit cluster type (None: auto-detect SLURM; "local" or "debug" run jobs on this
-        machine, which is how the SLURM path is tested without a cluster).
+    slurm_timeout_min, slurm_cpus_per_task, slurm_mem_gb : SLURM job resources: time limit (minutes),
+        CPUs and memory (GB) per job.
+    slurm_gpus_per_job : GPUs per job (``--gpus-per-node``); 0 asks for none.
+    slurm_account, slurm_qos : SLURM account to charge and quality of service (``--account``, ``--qos``).
+    slurm_array_parallelism : at most this many jobs of the array run at once (``--array=0-N%K``); None
+        leaves submitit's default (256).
+    slurm_points_per_job : points run one after the other by each job (>= 1); results are still one file per
+        point, written by the job as each finishes.
+    slurm_requeue : submit with ``--requeue`` and make the jobs checkpointable, so that a preempted or timed
+        out job is requeued and goes on with the points it had not finished.
+    slurm_cluster : submitit cluster type: None or "slurm" need a reachable SLURM cluster (refused in one
+        line where ``sbatch`` is not on PATH, see :func:`check_slurm_cluster`); "local" or "debug" run the
+        jobs on this machine, asked for explicitly (how the SLURM path is tested without a cluster).
     """
 
     executor: str = "inprocess"
-    address: str | None = None
+    scheduler: str | None = None
     partition: str | None = None
     max_workers: int | None = None
     threads: int | None = 1
@@ -219,20 +245,47 @@ class SweepOptions:
     slurm_timeout_min: int = 60
     slurm_cpus_per_task: int = 1
     slurm_mem_gb: float | None = None
+    slurm_gpus_per_job: int = 0
+    slurm_account: str | None = None
+    slurm_qos: str | None = None
+    slurm_array_parallelism: int | None = None
+    slurm_points_per_job: int = 1
+    slurm_requeue: bool = False
     slurm_cluster: str | None = None
 
     def __post_init__(self) -> None:
         if self.executor not in EXECUTORS:
             raise ParameterError(f"executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
-        for name in ("max_workers", "threads"):
+        for name in ("max_workers", "threads", "slurm_array_parallelism"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ParameterError(f"{name} must be an integer >= 1 or None, got {value!r}")
-        if self.address is not None and self.executor != "dask":
-            raise ParameterError(f"address is only used with executor='dask', got executor={self.executor!r}")
-        if self.partition is not None and self.executor != "slurm":
+        for name, low in (("slurm_timeout_min", 1), ("slurm_cpus_per_task", 1), ("slurm_gpus_per_job", 0),
+                          ("slurm_points_per_job", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("scheduler", "partition", "slurm_account", "slurm_qos"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ParameterError(f"{name} must be a non-empty string or None, got {value!r}")
+        if self.slurm_cluster not in SLURM_CLUSTERS:
+            raise ParameterError(f"slurm_cluster must be one of {list(SLURM_CLUSTERS)}, got "
+                                 f"{self.slurm_cluster!r}")
+        if not isinstance(self.slurm_requeue, bool):
+            raise ParameterTypeError(f"slurm_requeue must be True or False, got {self.slurm_requeue!r}")
+        if self.scheduler is not None and self.executor != "dask":
             raise ParameterError(
-                f"partition is only used with executor='slurm', got executor={self.executor!r}")
+                f"scheduler is only used with executor='dask', got executor={self.executor!r}")
+        defaults = SweepOptions.__dataclass_fields__
+        slurm_only = [name for name in ("partition", "slurm_gpus_per_job", "slurm_account", "slurm_qos",
+                                        "slurm_array_parallelism", "slurm_points_per_job", "slurm_requeue",
+                                        "slurm_cluster")
+                      if getattr(self, name) != defaults[name].default]
+        if slurm_only and self.executor != "slurm":
+            verb = "is" if len(slurm_only) == 1 else "are"
+            raise ParameterError(f"{', '.join(slurm_only)} {verb} only used with executor='slurm', got "
+                                 f"executor={self.executor!r}")
 
     def folder_for(self, name: str, default: str | os.PathLike) -> Path:
         """Where experiment ``name`` keeps its points: ``<store>/<name>`` if a store is set, else
@@ -271,27 +324,36 @@ def sweep_options(**changes: Any) -> Iterator[SweepOptions]:
 
 
 # --------------------------------------------------------------------------------------------- one point
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Within the block torch uses ``threads`` threads (None: unchanged); restored afterwards. Changing the
+    count costs milliseconds (torch rebuilds its thread pool), so an equal count is left alone."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous != threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 def _execute(fn: PointFn, config: dict[str, Any], seed: int, threads: int | None) -> dict[str, Any]:
     """Run one point wherever it lands; never raises (a failure comes back as data)."""
     start = time.perf_counter()
-    previous = None
     try:
-        if threads is not None:
-            import torch
-
-            previous = torch.get_num_threads()
-            torch.set_num_threads(threads)
-        result = fn(dict(config), seed)
+        with _torch_threads(threads):
+            result = fn(dict(config), seed)
         if not isinstance(result, Mapping):
             raise TypeError(f"the point function must return a mapping, got {type(result).__name__}")
         out = {"result": _canonical(result)}
     except Exception as exc:  # reported with the point, the sweep goes on
         out = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    finally:
-        if previous is not None:
-            import torch
-
-            torch.set_num_threads(previous)
     out["runtime_s"] = round(time.perf_counter() - start, 4)
     return out
 
@@ -342,13 +404,13 @@ def _pool(options: SweepOptions, folder: Path) -> Iterator[Any]:
             raise MissingExtraError(
                 "executor='dask' needs Dask distributed: pip install 'layerwise[dask]'") from exc
         with contextlib.ExitStack() as stack:
-            if options.address is None:
+            if options.scheduler is None:
                 cluster = stack.enter_context(LocalCluster(
                     n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                     silence_logs=logging.ERROR))
                 client = stack.enter_context(Client(cluster))
             else:
-                client = stack.enter_context(Client(options.address))
+                client = stack.enter_context(Client(options.scheduler))
             yield client.get_executor()
     elif options.executor == "slurm":
         try:
@@ -356,57 +418,135 @@ def _pool(options: SweepOptions, folder: Path) -> Iterator[Any]:
         except ImportError as exc:
             raise MissingExtraError(
                 "executor='slurm' needs submitit: pip install 'layerwise[slurm]'") from exc
-        ex = submitit.AutoExecutor(folder=str(folder / "submitit"), cluster=options.slurm_cluster)
-        params: dict[str, Any] = {"timeout_min": options.slurm_timeout_min,
-                                  "cpus_per_task": options.slurm_cpus_per_task}
-        if options.slurm_mem_gb is not None:
-            params["mem_gb"] = options.slurm_mem_gb
-        if options.partition is not None:
-            params["slurm_partition"] = options.partition
-        ex.update_parameters(**params)
+        ex = submitit.AutoExecutor(folder=str(folder / "submitit"), cluster=check_slurm_cluster(options))
+        ex.update_parameters(**slurm_parameters(options))
         yield ex
     else:  # pragma: no cover - validated in SweepOptions
         raise ParameterError(f"unknown executor {options.executor!r}")
 
 
+def check_slurm_cluster(options: SweepOptions) -> str:
+    """The submitit cluster ``options`` run on: ``"slurm"`` only where SLURM is reachable.
+
+    submitit's auto-detection falls back to running the jobs on this machine when it finds no SLURM; a
+    user who asked for SLURM would then wait on a queue that does not exist. So with ``slurm_cluster``
+    None or ``"slurm"`` and no ``sbatch`` on PATH this refuses (``ParameterError``, one line); ``"local"``
+    and ``"debug"`` (submitit's stand-ins, asked for explicitly) are returned as they are.
+
+    Returns
+    -------
+    str
+        ``"slurm"``, ``"local"`` or ``"debug"``.
+    """
+    if options.slurm_cluster in ("local", "debug"):
+        return options.slurm_cluster
+    if shutil.which("sbatch") is None:
+        raise ParameterError(
+            "executor='slurm' but no SLURM cluster is reachable from this machine (no sbatch on PATH); run "
+            "where sbatch works, choose another executor, or ask for submitit's stand-in on this machine "
+            "explicitly with slurm_cluster='local' or 'debug' (CLI: --slurm-cluster local|debug)")
+    return "slurm"
+
+
+def slurm_parameters(options: SweepOptions) -> dict[str, Any]:
+    """The keyword arguments of submitit's ``AutoExecutor.update_parameters`` for ``options``' SLURM jobs."""
+    params: dict[str, Any] = {"timeout_min": options.slurm_timeout_min,
+                              "cpus_per_task": options.slurm_cpus_per_task}
+    if options.slurm_mem_gb is not None:
+        params["mem_gb"] = options.slurm_mem_gb
+    if options.slurm_gpus_per_job:
+        params["gpus_per_node"] = options.slurm_gpus_per_job  # one node per job
+    if options.partition is not None:
+        params["slurm_partition"] = options.partition
+    if options.slurm_account is not None:
+        params["slurm_account"] = options.slurm_account
+    if options.slurm_qos is not None:
+        params["slurm_qos"] = options.slurm_qos
+    if options.slurm_array_parallelism is not None:
+        params["slurm_array_parallelism"] = options.slurm_array_parallelism
+    if options.slurm_requeue:
+        params["slurm_additional_parameters"] = {"requeue": True}
+    return params
+
+
+class _Chunk:
+    """One SLURM job: run its points one after the other, writing each point's file as soon as it finishes.
+
+    Called with ``[(key, config, seed), ...]``; returns the points' outputs (as :func:`_execute`) in order.
+    """
+
+    def __init__(self, fn: PointFn, name: str, folder: str, threads: int | None) -> None:
+        self.fn, self.name, self.folder, self.threads = fn, name, folder, threads
+        self.finished: dict[str, dict[str, Any]] = {}  # key -> output, kept across a requeue
+
+    def __call__(self, items: list[tuple[str, dict[str, Any], int]]) -> list[dict[str, Any]]:
+        for key, config, seed in items:
+            if key not in self.finished:
+                out = _execute(self.fn, config, seed, self.threads)
+                _record(Path(self.folder), self.name, Point(config, seed), key, out)
+                self.finished[key] = out
+        return [self.finished[key] for key, _, _ in items]
+
+
+class _RequeueableChunk(_Chunk):
+    """A :class:`_Chunk` that submitit checkpoints when the job is preempted or times out: the requeued job
+    carries the outputs of the points already finished and runs only the others."""
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """The submission that submitit requeues: this chunk, with its finished points, and its arguments."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self, *args, **kwargs)
+
+
 def _died(exc: BaseException) -> dict[str, Any]:
-    """The output of a point whose worker or job died; call it inside the ``except`` block."""
-    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(), "runtime_s": 0.0}
+    """The output of a point whose worker or job died with ``exc``."""
+    return {"error": f"{type(exc).__name__}: {exc}",
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            "runtime_s": 0.0}
 
 
-def _as_completed(jobs: Mapping[Any, int], executor: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(index, output)`` as jobs finish (futures, or submitit jobs polled)."""
+def _as_completed(jobs: Mapping[Any, list[int]], executor: str
+                  ) -> Iterator[tuple[list[int], list[dict[str, Any]] | BaseException]]:
+    """Yield ``(indices, outputs)`` as jobs finish (futures, or submitit jobs polled); ``outputs`` is the
+    exception when the worker or job died."""
     if executor != "slurm":
         for fut in cf.as_completed(list(jobs)):
             try:
-                out = fut.result()
+                outs: list[dict[str, Any]] | BaseException = [fut.result()]
             except Exception as exc:  # the worker died (crash, OOM kill, lost node): a failed point
-                out = _died(exc)
-            yield jobs[fut], out
+                outs = exc
+            yield jobs[fut], outs
         return
     pending = dict(jobs)
     while pending:
         done = [job for job in pending if job.done()]
         for job in done:
-            index = pending.pop(job)
+            indices = pending.pop(job)
             try:
-                out = job.result()
+                outs = job.result()
             except Exception as exc:  # the job itself died (node failure, timeout, preemption...)
-                out = _died(exc)
-            yield index, out
+                outs = exc
+            yield indices, outs
         if pending and not done:
             time.sleep(0.5)
 
 
-def _submit_all(ex: Any, executor: str, calls: list[tuple[int, tuple[Any, ...]]]) -> dict[Any, int]:
-    """Submit ``_execute(*args)`` for every ``(index, args)``; SLURM gets one job array (submitit batch)."""
-    if executor != "slurm":
-        return {ex.submit(_execute, *args): index for index, args in calls}
+def _submit_all(ex: Any, opts: SweepOptions, fn: PointFn, name: str, folder: Path,
+                items: list[tuple[int, str, Point]]) -> dict[Any, list[int]]:
+    """Submit every ``(index, key, point)``: one :func:`_execute` per point to a pool; for SLURM one job
+    array (submitit batch) whose jobs each run ``slurm_points_per_job`` points (a :class:`_Chunk`)."""
+    if opts.executor != "slurm":
+        return {ex.submit(_execute, fn, p.config, p.seed, opts.threads): [index] for index, _, p in items}
+    size = opts.slurm_points_per_job
+    chunks = [items[k:k + size] for k in range(0, len(items), size)]
+    kind = _RequeueableChunk if opts.slurm_requeue else _Chunk
     submitted = []
     with ex.batch():
-        for _, args in calls:
-            submitted.append(ex.submit(_execute, *args))
-    return {job: index for job, (index, _) in zip(submitted, calls, strict=True)}
+        for chunk in chunks:
+            job_fn = kind(fn, name, str(folder), opts.threads)
+            submitted.append(ex.submit(job_fn, [(key, p.config, p.seed) for _, key, p in chunk]))
+    return {job: [index for index, _, _ in chunk] for job, chunk in zip(submitted, chunks, strict=True)}
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -465,17 +605,27 @@ def run_sweep(
                disable=not opts.progress, file=sys.stderr)
     try:
         if opts.executor == "inprocess":
-            for key, i in todo.items():
-                done[key] = _record(folder, name, points[i], key,
-                                    _execute(fn, points[i].config, points[i].seed, opts.threads))
-                bar.update()
+            with _torch_threads(opts.threads):  # once for the whole sweep, not per point
+                for key, i in todo.items():
+                    done[key] = _record(folder, name, points[i], key,
+                                        _execute(fn, points[i].config, points[i].seed, opts.threads))
+                    bar.update()
         elif todo:
             with _pool(opts, folder) as ex:
-                calls = [(i, (fn, points[i].config, points[i].seed, opts.threads)) for i in todo.values()]
-                jobs = _submit_all(ex, opts.executor, calls)
-                for i, out in _as_completed(jobs, opts.executor):
-                    done[keys[i]] = _record(folder, name, points[i], keys[i], out)
-                    bar.update()
+                items = [(i, key, points[i]) for key, i in todo.items()]
+                jobs = _submit_all(ex, opts, fn, name, folder, items)
+                for indices, outs in _as_completed(jobs, opts.executor):
+                    for n, i in enumerate(indices):
+                        if not isinstance(outs, BaseException):
+                            done[keys[i]] = _record(folder, name, points[i], keys[i], outs[n])
+                        elif opts.executor == "slurm" and (
+                                data := _read_finished(folder / f"{keys[i]}.json", keys[i])) is not None:
+                            # the dead job had finished (and written) this point before it died
+                            done[keys[i]] = PointResult(points[i], keys[i], data["result"],
+                                                        runtime_s=float(data.get("runtime_s", 0.0)))
+                        else:
+                            done[keys[i]] = _record(folder, name, points[i], keys[i], _died(outs))
+                        bar.update()
     finally:
         bar.close()
     results = tuple(dataclasses.replace(done[key], point=p) for p, key in zip(points, keys, strict=True))

@@ -16,7 +16,8 @@ from ._app import Parser, run_handler
 
 # Subcommand modules, in the order --help lists them.
 COMMAND_MODULES = (
-    "reproduce", "report", "rhm", "merge", "finetune", "diffusion", "m3id", "kernels", "diffeo",
+    "reproduce", "report", "rhm", "merge", "extract_lora", "finetune", "diffusion", "m3id", "kernels",
+    "diffeo", "convert", "merge_data", "eight_task",
 )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from .._device import add_device_argument
+
 MAX_T_STEPS = 50  # columns of the sample grid: a wider picture is unreadable
 
 
@@ -92,7 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--size", type=_count, default=None, help="resize folder images to SIZE x SIZE")
     st.add_argument("--grayscale", action="store_true", help="read folder images as one channel")
     st.add_argument("--max-images", type=_count, default=None, help="use the first N images only")
-    st.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(st, help="where the model and the deformations run")
     st.add_argument("--seed", type=int, default=0, help="seed of the diffeos and the noise")
     st.set_defaults(func=_stability)
 
@@ -145,13 +147,13 @@ def _sample(args: argparse.Namespace) -> int:
 def _stability(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .._device import resolve_device
     from .._io import atomic_directory, check_output_dir, write_csv, write_json
     from .._validation import check_float
     from ..diffeo import relative_stability
     from ..diffeo.io import check_model_accepts, load_model, read_images
-    from ..hierarchy._device import resolve_device
 
-    device = resolve_device(args.device)  # a bad --device is a one-line error, before any work
+    device = resolve_device(args.device, name="--device")  # a bad --device: one line, before any work
     max_hours = check_float("--max-hours", args.max_hours, low=0.0, low_open=True)
     inputs = [args.images] + ([args.weights] if args.weights else [])
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .._device import add_device_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diffusion", help="forward-backward on real diffusion models: text | images")
@@ -30,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="MDLM ancestral sampler (default) or mask-predict by confidence")
     t.add_argument("--r-max", type=float, default=10.0, help="chi and xi over r <= R_MAX (default 10)")
     t.add_argument("--batch-size", type=int, default=16, help="sequences per model call (default 16)")
-    t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(t, help="where the model runs")
     t.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own Python code (off by default; some MDLM models need it)")
     t.add_argument("--seed", type=int, default=0, help="seed of the noise and the sampler (default 0)")
@@ -60,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim",
                    help="reverse sampler (default ddim)")
     i.add_argument("--batch-size", type=int, default=16, help="images per UNet call (default 16)")
-    i.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(i, help="where the model runs")
     i.add_argument("--trust-remote-code", action="store_true", help="allow the encoder's own Python code")
     i.add_argument("--normalization", choices=("processor", "imagenet"), default="processor",
                    help="image mean/std before the encoder: from its image processor (default; refused if "
@@ -75,12 +77,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _text(args: argparse.Namespace) -> int:
+    from .._device import resolve_device
     from ..diffusion.runner import run_text
+
+    device = resolve_device(args.device, name="--device")  # a bad device: one line, before any work
 
     res = run_text(args.model, args.text, args.out, args.levels, n_passages=args.n_passages,
                    length=args.length, n_trajectories=args.n_trajectories, n_steps=args.n_steps,
                    strategy=args.strategy,
-                   batch_size=args.batch_size, r_max=args.r_max, seed=args.seed, device=args.device,
+                   batch_size=args.batch_size, r_max=args.r_max, seed=args.seed, device=device,
                    trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer, mask_id=args.mask_id,
                    overwrite=args.overwrite)
     for lv in res["levels"]:
@@ -91,12 +96,15 @@ def _text(args: argparse.Namespace) -> int:
 
 
 def _images(args: argparse.Namespace) -> int:
+    from .._device import resolve_device
     from ..diffusion.runner import run_images
+
+    device = resolve_device(args.device, name="--device")  # a bad device: one line, before any work
 
     res = run_images(args.pipeline, args.encoder, args.out, args.timesteps, images=args.images,
                      n_images=args.n_images, n_trajectories=args.n_trajectories,
                      n_inference_steps=args.n_inference_steps, scheduler=args.scheduler,
-                     batch_size=args.batch_size, seed=args.seed, device=args.device,
+                     batch_size=args.batch_size, seed=args.seed, device=device,
                      trust_remote_code=args.trust_remote_code, encoder_size=args.encoder_size,
                      normalization=args.normalization, overwrite=args.overwrite)
     for lv in res["levels"]:

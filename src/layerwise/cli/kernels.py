@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .._device import add_device_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("kernels", help="local, convolutional and hierarchical kernels; learning curves",
@@ -29,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--network-kernel", choices=("ntk", "nngp"), default="ntk",
                    help="hierarchical: tangent kernel or Gaussian-process kernel (default ntk)")
     g.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision")
-    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_device_argument(g, help="where the Gram matrix is computed")
     g.add_argument("--block-size", type=int, default=None, help="rows per block (default: memory budget)")
     g.set_defaults(func=_gram)
 
@@ -42,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("config", metavar="CONFIG.yaml", help="learning-curve configuration (YAML)")
     c.add_argument("--out", required=True, metavar="DIR", help="output folder (new, or --overwrite)")
     c.add_argument("--overwrite", action="store_true", help="replace an earlier layerwise output folder")
+    add_device_argument(c, default=None, help="where Gram matrices and solves run; default: the config's "
+                        "device key, else cpu")
     c.set_defaults(func=_curve)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -50,11 +54,12 @@ def _gram(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from .._device import resolve_device
     from .._io import atomic_path, check_output_file
     from ..errors import ParameterError
-    from ..hierarchy._device import resolve_device
     from ..kernels import make_kernel
 
+    device = resolve_device(args.device, name="--device")  # before any work
     out = check_output_file(args.out, overwrite=args.overwrite, inputs=[args.data, args.data2])
     spec: dict = {"type": args.kind}
     if args.kind == "hierarchical":
@@ -75,7 +80,6 @@ def _gram(args: argparse.Namespace) -> int:
                 raise ParameterError(f"--s is required with --kind {args.kind}")
             spec.update(s=args.s, dims=args.dims)
     kernel = make_kernel(spec)
-    device = resolve_device(args.device)
 
     from .._io import read_npy
 
@@ -90,12 +94,19 @@ def _gram(args: argparse.Namespace) -> int:
 
 
 def _curve(args: argparse.Namespace) -> int:
+    from .._device import resolve_device
     from .._io import atomic_directory, check_output_dir, read_yaml, write_json
     from ..kernels import learning_curve
     from ..kernels.config import parse_curve_config, save_curves
 
     cfg = read_yaml(args.config, what="curve config")
-    kwargs = parse_curve_config(cfg)
+    if args.device is not None:  # the flag wins: a config written for a GPU machine runs here on cpu
+        device = resolve_device(args.device, name="--device")
+        kwargs = parse_curve_config({k: v for k, v in cfg.items() if k != "device"}
+                                    if isinstance(cfg, dict) else cfg)
+        kwargs["device"] = device
+    else:
+        kwargs = parse_curve_config(cfg)
     out = check_output_dir(args.out, overwrite=args.overwrite, inputs=[args.config])
     curves = learning_curve(**kwargs, progress=True)
     with atomic_directory(out) as tmp:

@@ -8,6 +8,8 @@ from ..errors import ParameterError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from .._device import add_device_argument
+
     p = sub.add_parser("m3id", help="M3ID decoding against visual hallucination (Hugging Face models)")
     msub = p.add_subparsers(dest="m3id_command", metavar="ACTION", title="actions")
     g = msub.add_parser(
@@ -64,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for --sample")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the model is loaded in (default float32)")
-    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_argument(g, help="where the model runs")
     g.add_argument("--trust-remote-code", action="store_true", help="run the folder's own modelling code")
     g.set_defaults(func=_generate)
     for name, help_text in (("pope", "POPE yes/no questions on a fixed list of images, per-question results"),
@@ -100,7 +102,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         b.add_argument("--overwrite", action="store_true", help="replace existing output files")
         b.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                        help="dtype the model is loaded in (default float32)")
-        b.add_argument("--device", default="cpu", help="torch device (default cpu)")
+        add_device_argument(b, help="where the model runs")
         b.add_argument("--trust-remote-code", action="store_true", help="run the folder's own modelling code")
         b.set_defaults(func=_benchmark, benchmark=name)
     p.set_defaults(func=lambda args: p.print_help() or 2)
@@ -139,10 +141,12 @@ def _read_json(path: str, what: str) -> object:
 def _benchmark(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .._device import resolve_device
     from .._extras import require_extras
     from .._validation import check_seed
     from ..errors import InputDataError
 
+    device = resolve_device(args.device, name="--device")  # a bad device: one line before any work
     require_extras(("hf",), f"layerwise m3id {args.benchmark}")
     check_seed(args.seed)
     from .._io import check_output_file, write_csv, write_json
@@ -194,7 +198,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             raise InputDataError('--synonyms must hold a JSON object {"object": ["synonym", ...]}')
     images = {i: image_of(i) for i in ids}
     model, processor = load_for_m3id(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                                     device=args.device)
+                                     device=device)
     kw = dict(method=args.method, seed=args.seed, max_new_tokens=args.max_new_tokens,
               batch_size=args.batch_size, **options)
     if args.benchmark == "pope":
@@ -211,9 +215,11 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .._device import resolve_device
     from .._extras import require_extras
     from .._validation import check_seed
 
+    device = resolve_device(args.device, name="--device")  # a bad device: one line before any work
     require_extras(("hf",), "layerwise m3id generate")  # before torch and transformers are imported
     if args.sample:
         check_seed(args.seed)
@@ -234,7 +240,7 @@ def _generate(args: argparse.Namespace) -> int:
         vision=images is not None,
         trust_remote_code=args.trust_remote_code,
         dtype=args.dtype,
-        device=args.device,
+        device=device,
     )
     texts = m3id_generate(
         model,

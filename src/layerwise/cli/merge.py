@@ -28,16 +28,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dry-run", action="store_true", help="validate the config, print the plan, write nothing"
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where tensors are merged: cpu (default), cuda, cuda:1, auto (CUDA when available); "
+        "read and written on the CPU",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch compute threads (default 1: a merge is bound by reading and writing, and more threads "
+        "slow elementwise work down on a busy machine; raise it for a GPU-less server with idle cores)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--list-methods", action="store_true", help="list merge methods and their parameters")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .._io import check_output_dir
-    from ..editing.config import load_merge_config
-    from ..editing.lines import format_lines_table
-    from ..editing.merge import MERGE_METHODS, execute_plan
+    from .._validation import check_int
+    from ..editing.merge import MERGE_METHODS
+    from ..editing.merge.plan import merge_device
     from ..errors import ParameterError
 
     if args.list_methods:
@@ -51,6 +63,25 @@ def _run(args: argparse.Namespace) -> int:
         raise ParameterError("give a CONFIG.yaml (or --list-methods)")
     if args.out is None and not args.dry_run:
         raise ParameterError("--out DIR is required (or use --dry-run)")
+    device = merge_device(args.device)  # a device this machine lacks: one line, before any work
+    threads = check_int("--threads", args.threads, low=1, high=4096)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _merge(args, device)
+    finally:
+        torch.set_num_threads(before)  # the handler may run inside a bigger process (tests, notebooks)
+
+
+def _merge(args: argparse.Namespace, device) -> int:
+    from .._io import check_output_dir
+    from ..editing.config import load_merge_config
+    from ..editing.lines import format_lines_table
+    from ..editing.merge import execute_plan
+    from ..editing.merge.plan import MergePlan
+
     config = load_merge_config(args.config)
     out = None
     if args.out is not None:  # before any checkpoint is opened; --dry-run checks it too
@@ -59,6 +90,8 @@ def _run(args: argparse.Namespace) -> int:
             inputs.append(config.base_model)
         out = check_output_dir(args.out, overwrite=args.overwrite, inputs=inputs)
     plan = config.plan()
+    for part in [plan] if isinstance(plan, MergePlan) else [p for _, p in plan.parts]:
+        part.device = device
     print(plan.describe())
     if args.dry_run:
         return 0

@@ -28,6 +28,15 @@ EXPERIMENT_INDEX: tuple[tuple[str, str], ...] = (
 )
 
 
+# --flag (argparse dest) -> SweepOptions field; a flag left out keeps the SweepOptions default.
+_SLURM_OPTIONS = (("partition", "partition"), ("account", "slurm_account"), ("qos", "slurm_qos"),
+                  ("time_min", "slurm_timeout_min"), ("cpus_per_job", "slurm_cpus_per_task"),
+                  ("mem_gb", "slurm_mem_gb"), ("gpus_per_job", "slurm_gpus_per_job"),
+                  ("array_parallelism", "slurm_array_parallelism"),
+                  ("points_per_job", "slurm_points_per_job"), ("requeue", "slurm_requeue"),
+                  ("slurm_cluster", "slurm_cluster"))
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     names = "\n".join(f"  {n:<18} {description}" for n, description in EXPERIMENT_INDEX)
     p = sub.add_parser(
@@ -41,18 +50,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=SCALES, default="quick", help="quick (CPU minutes) or full")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
-    g = p.add_argument_group("sweeps (experiments with many training runs, e.g. rhm-learning)")
+    g = p.add_argument_group("sweeps (each experiment's grid of settings and seeds runs on the sweep runner)")
     g.add_argument("--executor", choices=("inprocess", "process", "dask", "slurm"), default="inprocess",
                    help="where sweep points run: this process (default), a local spawn process pool, Dask "
                         "distributed (extra 'dask') or SLURM via submitit (extra 'slurm')")
-    g.add_argument("--address", default=None,
-                   help="Dask scheduler address tcp://HOST:PORT (default: start a LocalCluster)")
-    g.add_argument("--partition", default=None, help="SLURM partition (--executor slurm)")
     g.add_argument("--workers", type=int, default=None,
                    help="worker processes of the process pool / LocalCluster (default: min(4, CPUs))")
     g.add_argument("--resume", action="store_true",
                    help="reuse the finished sweep points kept in OUT/.sweeps/ by an earlier (interrupted) "
                         "run")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="--executor dask: scheduler address tcp://HOST:PORT of an existing Dask cluster "
+                        "(default: start a LocalCluster)")
+    s = p.add_argument_group("SLURM jobs (--executor slurm)")
+    s.add_argument("--partition", help="SLURM partition")
+    s.add_argument("--account", help="SLURM account charged for the jobs")
+    s.add_argument("--qos", help="SLURM quality of service")
+    s.add_argument("--time-min", type=int, metavar="MINUTES", help="time limit of each job (default: 60)")
+    s.add_argument("--cpus-per-job", type=int, metavar="N", help="CPUs per job (default: 1)")
+    s.add_argument("--mem-gb", type=float, metavar="GB", help="memory per job (default: the cluster's)")
+    s.add_argument("--gpus-per-job", type=int, metavar="N", help="GPUs per job (default: 0)")
+    s.add_argument("--array-parallelism", type=int, metavar="N",
+                   help="run at most N jobs of the job array at once (default: submitit's, 256)")
+    s.add_argument("--points-per-job", type=int, metavar="N",
+                   help="sweep points run one after the other by each job (default: 1); results are still "
+                        "one file per point")
+    s.add_argument("--requeue", action="store_true", default=None,
+                   help="requeue jobs that are preempted or time out; they skip the points they had finished")
+    s.add_argument("--slurm-cluster", choices=("local", "debug"),
+                   help="run the jobs on this machine with submitit's local (subprocesses) or debug (this "
+                        "process) stand-in; without it, --executor slurm refuses where no SLURM cluster is "
+                        "reachable (no sbatch)")
     p.set_defaults(func=_run)
 
 
@@ -75,15 +103,23 @@ def _run(args: argparse.Namespace) -> int:
     # Sweep settings (rhm-learning...): validated here too, before anything is written.
     from pathlib import Path
 
-    from ..sweep import SweepOptions, sweep_options
+    from ..sweep import SweepOptions, check_slurm_cluster, sweep_options
 
     if args.executor in ("dask", "slurm"):
         from .._extras import require_extras
 
         require_extras(["dask" if args.executor == "dask" else "slurm"], f"--executor {args.executor}")
-    sweep = dict(executor=args.executor, address=args.address, partition=args.partition,
-                 max_workers=args.workers, resume=args.resume, store=str(Path(args.out) / ".sweeps"))
-    SweepOptions(**sweep)
+    sweep = dict(executor=args.executor, scheduler=args.scheduler, max_workers=args.workers,
+                 resume=args.resume, store=str(Path(args.out) / ".sweeps"))
+    slurm = {field: getattr(args, dest) for dest, field in _SLURM_OPTIONS if getattr(args, dest) is not None}
+    if slurm and args.executor != "slurm":
+        from ..errors import ParameterError
+
+        flags = ", ".join("--" + dest.replace("_", "-") for dest, field in _SLURM_OPTIONS if field in slurm)
+        raise ParameterError(f"{flags} only apply to --executor slurm, got --executor {args.executor}")
+    sweep.update(slurm)
+    if SweepOptions(**sweep).executor == "slurm":
+        check_slurm_cluster(SweepOptions(**sweep))  # no SLURM here: one line now, not a silent local run
     out = check_output_dir(args.out, overwrite=True, collection=True)
     for name in names:
         check_output_dir(out / name, overwrite=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .._device import add_device_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("rhm", help="Random Hierarchy Model data: sample, denoise")
@@ -82,6 +84,7 @@ def _add_denoise_parser(rsub: argparse._SubParsersAction) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of the noise and of the posterior draws")
     d.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="BP precision")
     d.add_argument("--batch-size", type=int, default=4096, help="data per BP call (memory of temporaries)")
+    add_device_argument(d, help="where the leaf evidence is built and BP runs (results are saved from CPU)")
     d.add_argument("--out", required=True, help="output file, .pt or .npz")
     d.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     d.set_defaults(func=_denoise)
@@ -90,16 +93,19 @@ def _add_denoise_parser(rsub: argparse._SubParsersAction) -> None:
 def _denoise(args: argparse.Namespace) -> int:
     import torch
 
+    from .._device import resolve_device
     from .._io import check_output_file
     from ..hierarchy.datafile import check_data_path, load_dataset
     from ..hierarchy.denoising import denoise, save_denoised
 
+    device = resolve_device(args.device, name="--device")  # a bad device: one line, before any work
     check_data_path(args.out, "--out")
     check_output_file(args.out, overwrite=args.overwrite, inputs=[args.data])
     rhm, data = load_dataset(args.data)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     result = denoise(
-        rhm, data, args.process, args.level, seed=args.seed, dtype=dtype, batch_size=args.batch_size
+        rhm, data, args.process, args.level, seed=args.seed, dtype=dtype, batch_size=args.batch_size,
+        device=device,
     )
     path = save_denoised(args.out, rhm, result)
     stats = result.summary()

@@ -20,7 +20,7 @@ def load_for_m3id(
     vision: bool = True,
     trust_remote_code: bool = False,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str | Any = "cpu",
 ) -> tuple[Any, Any]:
     """Return ``(model, processor_or_tokenizer)`` from ``path``.
 
@@ -33,14 +33,17 @@ def load_for_m3id(
         and its tokenizer (text conditions, e.g. document-grounded generation).
     trust_remote_code : allow the folder's own modelling code (off by default).
     dtype : ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-    device : where the model goes.
+    device : where the model goes: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or a ``torch.device``,
+        checked by :func:`layerwise._device.resolve_device` before anything is loaded.
     """
     require("transformers", "hf")
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+    from .._device import resolve_device
     from .._validation import check_choice
 
+    device = resolve_device(device)
     path = model_source(path, "model")
     check_choice("dtype", dtype, ("float32", "bfloat16", "float16"))
     if not isinstance(trust_remote_code, bool):

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._device import resolve_device
 from .._validation import check_int, make_generator
 from ..errors import MissingExtraError, ParameterError, ParameterTypeError
 from ..hierarchy.forward_backward import level_seeds
@@ -244,8 +245,10 @@ def load_unet_and_scheduler(
     """Load a ``UNet2DModel`` and a DDPM or DDIM scheduler from a diffusers pipeline folder (or hub id).
 
     The folder holds ``unet/`` and ``scheduler/`` subfolders (as ``DDPMPipeline.save_pretrained`` writes);
-    the scheduler's config is reused with the chosen class. Needs the ``diffusion`` extra.
+    the scheduler's config is reused with the chosen class. Needs the ``diffusion`` extra. ``device`` is
+    checked by :func:`layerwise._device.resolve_device` before anything is loaded.
     """
+    device = resolve_device(device)
     try:
         from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
     except ImportError as err:  # pragma: no cover - depends on the environment

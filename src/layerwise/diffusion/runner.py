@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .._device import resolve_device
 from .._extras import require_extras
 from .._io import atomic_directory, check_output_dir, save_figure, write_csv, write_json
 from .._validation import check_choice, check_float, check_int, check_seed
@@ -75,7 +76,7 @@ def run_text(
     batch_size: int = 16,
     r_max: float = 10.0,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     tokenizer: str | None = None,
     mask_id: int | None = None,
@@ -99,6 +100,7 @@ def run_text(
     batch_size = check_int("batch_size", batch_size, low=1)
     r_max = check_float("r_max", r_max, low=0.0, low_open=True)
     seed = check_seed(seed)
+    device = resolve_device(device)
     if mask_id is not None:
         mask_id = check_int("mask_id", mask_id, low=0)
     text = _read_text(text_file)
@@ -195,7 +197,7 @@ def run_images(
     scheduler: str = "ddim",
     batch_size: int = 16,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
     encoder_size: int | None = None,
     progress: bool = True,
@@ -220,6 +222,7 @@ def run_images(
     check_choice("scheduler", scheduler, ("ddim", "ddpm"))
     batch_size = check_int("batch_size", batch_size, low=1)
     seed = check_seed(seed)
+    device = resolve_device(device)
     if encoder_size is not None:
         encoder_size = check_int("encoder_size", encoder_size, low=1)
     check_choice("normalization", normalization, ("processor", "imagenet"))

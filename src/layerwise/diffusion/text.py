@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .._device import resolve_device
 from .._validation import check_choice, check_float, check_int, make_generator
 from ..errors import MissingExtraError, ParameterError, ParameterTypeError
 from ..hierarchy.forward_backward import ForwardBackwardResult, forward_backward
@@ -138,6 +139,7 @@ class MaskedLMDenoiser:
         -----
         The tokenizer's special tokens become ``forbidden_ids``; it is kept as ``.tokenizer``.
         """
+        device = resolve_device(device)  # before anything is loaded
         try:
             from transformers import AutoModelForMaskedLM, AutoTokenizer
         except ImportError as err:  # pragma: no cover - depends on the environment

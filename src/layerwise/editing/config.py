@@ -40,6 +40,7 @@ from .merge import MERGE_METHODS
 from .merge.gradients import split_schedules
 from .merge.plan import DTYPE_CHOICES, LinesSpec, MergePlan, plan_merge
 from .merge.registry import _r
+from .merge.slices import OutputSlice, SlicedPlan, SliceSource, plan_slices
 from .mergekit_config import is_mergekit_config, translate_mergekit
 
 __all__ = ["ModelEntry", "MergeConfig", "MissingPathError", "load_merge_config", "parse_merge_config"]
@@ -57,6 +58,7 @@ _TOP_KEYS = (
     "chunk_elements",
     "check_dtypes",
     "tokenizer_source",
+    "slices",
 )
 _LINES_KEYS = ("alpha", "beta", "pattern")
 
@@ -83,9 +85,10 @@ class MergeConfig:
     chunk_elements: int = 1 << 20
     check_dtypes: bool = True
     tokenizer_source: str | None = None
+    slices: tuple[OutputSlice, ...] | None = None
     source_text: str | None = field(default=None, compare=False, repr=False)
 
-    def plan(self) -> MergePlan:
+    def plan(self) -> MergePlan | SlicedPlan:
         """Open the checkpoints and validate the method parameters (no tensor data is read).
 
         A parameter refused at this stage (e.g. a weight beyond float32) raises
@@ -97,7 +100,22 @@ class MergeConfig:
         except (ParameterError, ParameterTypeError) as err:
             raise ConfigError(str(err)) from None
 
-    def _plan(self) -> MergePlan:
+    def _plan(self) -> MergePlan | SlicedPlan:
+        if self.slices is not None:
+            return plan_slices(
+                self.method,
+                self.slices,
+                self.base_model,
+                params=self.parameters,
+                scale=self.scale,
+                lines=self.lines,
+                dtype=self.dtype,
+                seed=self.seed,
+                max_shard_bytes=self.shard_size,
+                chunk_elements=self.chunk_elements,
+                check_dtypes=self.check_dtypes,
+                tokenizer_source=self.tokenizer_source,
+            )
         return plan_merge(
             self.method,
             [m.path for m in self.models],
@@ -138,6 +156,23 @@ class MergeConfig:
         }
         if self.tokenizer_source is not None:
             out["tokenizer_source"] = self.tokenizer_source
+        if self.slices is not None:
+            del out["models"]
+            out["slices"] = [
+                {
+                    "sources": [
+                        {
+                            "model": str(src.model),
+                            "layer_range": list(src.layer_range),
+                            "parameters": dict(src.parameters),
+                        }
+                        for src in sl.sources
+                    ],
+                    "parameters": dict(sl.parameters),
+                    **({} if sl.base_model is None else {"base_model": str(sl.base_model)}),
+                }
+                for sl in self.slices
+            ]
         return out
 
 
@@ -154,6 +189,13 @@ def load_merge_config(path: str | os.PathLike, *, check_files: bool = True) -> M
     try:
         text = path.read_text(encoding="utf-8")
         data = yaml.safe_load(text)
+    except yaml.composer.ComposerError as err:
+        if "expected a single document" not in str(err):
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(
+            f"{path}: holds several YAML documents (a mergekit-multimerge / mergekit-mega file); layerwise "
+            "merge runs one merge per file: put each document in a file of its own and run them in order"
+        ) from None
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as err:  # the constructors raise these too
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
@@ -215,7 +257,18 @@ def _parse(data: Any, base_dir: Path, check_files: bool) -> MergeConfig:
             )
         return p
 
-    models_raw = data.get("models")
+    slices = None
+    if "slices" in data:
+        if "models" in data:
+            raise ConfigError("give either 'models' or 'slices', not both")
+        slices = _slices(data["slices"], resolve)
+        seen: dict[Path, None] = {}
+        for sl in slices:
+            for src in sl.sources:
+                seen.setdefault(src.model, None)
+        models_raw = [str(p) for p in seen]
+    else:
+        models_raw = data.get("models")
     if not isinstance(models_raw, list) or not models_raw:
         raise ConfigError(
             f"models must be a non-empty list of paths or {{model: PATH, parameters: {{...}}}}, "
@@ -239,7 +292,8 @@ def _parse(data: Any, base_dir: Path, check_files: bool) -> MergeConfig:
         models.append(ModelEntry(resolve(f"models[{i}].model", entry["model"]), dict(params)))
     base = data.get("base_model")
     base_path = None if base is None else resolve("base_model", base)
-    if base_path is None and MERGE_METHODS.get(method).needs_base:
+    per_slice_base = slices is not None and all(sl.base_model is not None for sl in slices)
+    if base_path is None and MERGE_METHODS.get(method).needs_base and not per_slice_base:
         raise ConfigError(f"base_model is required by method {_r(method)}")
     params = data.get("parameters")
     params = {} if params is None else params
@@ -248,12 +302,21 @@ def _parse(data: Any, base_dir: Path, check_files: bool) -> MergeConfig:
     # validate the method parameters now (names, ranges, cross-checks), before any checkpoint is opened
     # (list values are per-layer gradients or filters: every number is range-checked here too)
     spec = MERGE_METHODS.get(method)
-    spec.resolve(*split_schedules(spec, params, [m.parameters for m in models])[:2])
+    if slices is None:
+        spec.resolve(*split_schedules(spec, params, [m.parameters for m in models])[:2])
+    else:
+        for sl in slices:
+            base_ref = sl.base_model if sl.base_model is not None else base_path
+            merged = [s.parameters for s in sl.sources if not (spec.needs_base and s.model == base_ref)] or [
+                {}
+            ]
+            spec.resolve(*split_schedules(spec, {**params, **sl.parameters}, merged)[:2])
     tokenizer_source = data.get("tokenizer_source")
-    if tokenizer_source is not None and tokenizer_source != "base":
+    if tokenizer_source is not None and tokenizer_source not in ("base", "union"):
         raise ConfigError(
             f"tokenizer_source must be 'base' (keep the base's vocabulary: embedding rows of models with "
-            f"added tokens are truncated/padded) or omitted, got {_r(tokenizer_source)}"
+            f"added tokens are truncated/padded), 'union' (the union of the models' tokenizers, rows aligned "
+            f"by token) or omitted, got {_r(tokenizer_source)}"
         )
 
     dtype = data.get("dtype")
@@ -277,7 +340,50 @@ def _parse(data: Any, base_dir: Path, check_files: bool) -> MergeConfig:
         chunk_elements=_int("chunk_elements", data.get("chunk_elements", 1 << 20), low=1, high=2**62),
         check_dtypes=check_dtypes,
         tokenizer_source=tokenizer_source,
+        slices=slices,
     )
+
+
+def _slices(raw: Any, resolve) -> tuple[OutputSlice, ...]:
+    """``slices`` (see :mod:`.merge.slices`): a list of ``{sources: [{model, layer_range, parameters}],
+    parameters, base_model}``; paths resolved, ranges checked for shape (against the models at planning)."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"slices must be a non-empty list of {{sources: [...]}}, got {_r(raw)}")
+    out = []
+    for s, sl in enumerate(raw):
+        where = f"slices[{s}]"
+        if not isinstance(sl, Mapping) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise ConfigError(f"{where} must be a mapping with a non-empty 'sources' list, got {_r(sl)}")
+        extra = sorted((k for k in sl if k not in ("sources", "parameters", "base_model")), key=repr)
+        if extra:
+            raise ConfigError(f"{where}: unknown key(s) {_r(extra)}; valid: sources, parameters, base_model")
+        sources = []
+        for k, src in enumerate(sl["sources"]):
+            w = f"{where}.sources[{k}]"
+            if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
+                raise ConfigError(f"{w} must be a mapping with 'model' and 'layer_range', got {_r(src)}")
+            bad = sorted((x for x in src if x not in ("model", "layer_range", "parameters")), key=repr)
+            if bad:
+                raise ConfigError(f"{w}: unknown key(s) {_r(bad)}; valid: model, layer_range, parameters")
+            lr = src["layer_range"]
+            if (
+                not isinstance(lr, list)
+                or len(lr) != 2
+                or not all(type(x) is int for x in lr)
+                or not 0 <= lr[0] < lr[1]
+            ):
+                raise ConfigError(f"{w}.layer_range must be [start, end] with 0 <= start < end, got {_r(lr)}")
+            params = src.get("parameters") or {}
+            if not isinstance(params, Mapping):
+                raise ConfigError(f"{w}.parameters must be a mapping, got {_r(params)}")
+            sources.append(SliceSource(resolve(f"{w}.model", src["model"]), (lr[0], lr[1]), dict(params)))
+        sparams = sl.get("parameters") or {}
+        if not isinstance(sparams, Mapping):
+            raise ConfigError(f"{where}.parameters must be a mapping, got {_r(sparams)}")
+        base = sl.get("base_model")
+        base = None if base is None else resolve(f"{where}.base_model", base)
+        out.append(OutputSlice(tuple(sources), dict(sparams), base))
+    return tuple(out)
 
 
 def _number(name: str, value: Any) -> float:

@@ -1,11 +1,12 @@
 """mergekit YAML configs, read unchanged and translated into ``layerwise merge``'s config.
 
 A file with ``merge_method`` is a mergekit config (https://github.com/arcee-ai/mergekit, 0.1.5). Supported
-keys: ``merge_method``, ``base_model``, ``models`` (``model`` and ``parameters`` per entry), ``slices`` (one
-slice whose sources each cover every layer, as in mergekit's SLERP example), top-level ``parameters``,
-``dtype`` / ``out_dtype`` (the output dtype; layerwise always computes in float32, float64 for float64
-models), ``tokenizer_source`` (``base`` or omitted) and ``name``; layerwise keys may be added: ``lines``,
-``seed``, ``shard_size``, ``chunk_elements``. Anything else raises
+keys: ``merge_method``, ``base_model``, ``models`` (``model`` and ``parameters`` per entry), ``slices``
+(``sources`` with ``model``, ``layer_range`` and ``parameters``; slice ``parameters`` and ``base_model``:
+layer stacking and per-slice merges, :mod:`.merge.slices`), top-level ``parameters``, ``dtype`` /
+``out_dtype`` (the output dtype; layerwise always computes in float32, float64 for float64 models),
+``tokenizer_source`` (``base``, ``union`` or omitted) and ``name``; layerwise keys may be added:
+``lines``, ``seed``, ``shard_size``, ``chunk_elements``. Anything else raises
 :class:`~layerwise.errors.ConfigError` naming the key.
 
 Methods and parameters:
@@ -14,21 +15,32 @@ Methods and parameters:
 mergekit            layerwise                                    parameters
 ==================  ===========================================  =========================================
 linear              average (all listed models, base included)   weight; normalize must stay true
-task_arithmetic     task_arithmetic                              weight
-ties                ties                                         weight, density (default 1), normalize
-dare_ties           dare, combine: ties, normalize: false        weight, density -> drop_rate = 1 - density
-dare_linear         dare, combine: sum                           as dare_ties; rescale
-breadcrumbs(_ties)  breadcrumbs, combine: sum (ties)             weight, density (default 1), gamma
-della(_linear)      della, combine: ties (sum)                   weight, density, epsilon, lambda
+task_arithmetic     task_arithmetic                              weight, lambda
+ties                ties                                         weight, density (default 1), normalize,
+                                                                 lambda
+dare_ties           dare, combine: ties, normalize: false        weight, density -> drop_rate = 1 - density,
+                                                                 rescale, lambda
+dare_linear         dare, combine: sum                           as dare_ties
+breadcrumbs(_ties)  breadcrumbs, combine: sum (ties)             weight, density (default 1), gamma, lambda
+della(_linear)      della, combine: ties (sum)                   weight, density, epsilon, rescale, lambda
 slerp               slerp                                        t
 model_stock         model_stock                                  filter_wise: false only
+sce                 sce                                          select_topk
+multislerp          multislerp                                   weight, normalize_weights, eps
+karcher             karcher                                      max_iter, tol
+nearswap            nearswap                                     t
+passthrough         passthrough                                  scale (per model)
 ==================  ===========================================  =========================================
 
-For every method but ``linear``, an entry of ``models`` naming the base model is the base (mergekit lists it
-with no parameters); mergekit's ``BASE+ADAPTER`` model syntax is accepted when ``BASE`` is the base model
-(the adapter folder is read as a LoRA task vector, :mod:`..lora`). List values (gradients) and
-``{filter, value}`` lists stay as they are (:mod:`.merge.gradients`). ``int8_mask`` only saves memory in
-mergekit and is accepted and ignored.
+For every method but ``linear``, an entry of ``models`` (or a slice source) naming the base model is the
+base (mergekit lists it with no parameters); mergekit's ``BASE+ADAPTER`` model syntax is accepted in
+``models`` when ``BASE`` is the base model (the adapter folder is read as a LoRA task vector,
+:mod:`..lora`). List values (gradients) and ``{filter, value}`` lists stay as they are
+(:mod:`.merge.gradients`); an entry keyed ``pattern`` instead of ``filter`` (as in mergekit's
+``gradient-slerp.yml`` example) has no filter in mergekit, which ignores the unknown key, so it applies to
+every tensor here too, with a warning. ``int8_mask`` only saves memory in mergekit and is accepted and
+ignored. ``lambda`` is a global parameter in mergekit 0.1.5; a ``lambda`` given with the same value for
+every model (as older DELLA configs do) becomes the global one (mergekit 0.1.5 ignores it there).
 
 Example
 -------
@@ -41,6 +53,8 @@ Example
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,7 +75,23 @@ MERGEKIT_METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "della_linear": ("della", {"combine": "sum"}, {"density": 1.0, "normalize": False}),
     "slerp": ("slerp", {}, {}),
     "model_stock": ("model_stock", {}, {}),
+    "sce": ("sce", {}, {}),
+    "multislerp": ("multislerp", {}, {}),
+    "karcher": ("karcher", {}, {}),
+    "nearswap": ("nearswap", {}, {}),
+    "passthrough": ("passthrough", {}, {}),
 }
+# mergekit's generalized task arithmetic: these take lambda (a global parameter in mergekit 0.1.5)
+_LAMBDA_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+)
 _TOP_KEYS = (
     "merge_method",
     "base_model",
@@ -84,7 +114,18 @@ _DTYPES = {
     "bf16": "bfloat16",
     "float64": "float64",
 }
-_GLOBAL_ONLY = {"normalize", "rescale", "int8_mask", "t", "filter_wise"}
+_GLOBAL_ONLY = {
+    "normalize",
+    "rescale",
+    "int8_mask",
+    "t",
+    "filter_wise",
+    "select_topk",
+    "normalize_weights",
+    "eps",
+    "max_iter",
+    "tol",
+}
 _RESCALING = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
@@ -93,38 +134,48 @@ def is_mergekit_config(data: Any) -> bool:
     return isinstance(data, Mapping) and "merge_method" in data and "method" not in data
 
 
-def _models_from_slices(slices: Any) -> list[Any]:
-    """One slice whose sources each cover the same full layer range -> its sources as a models list."""
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], Mapping):
-        raise ConfigError(
-            "slices: only one slice is supported (layer stacking/frankenmerges are not); list the models "
-            "under 'models' instead"
-        )
-    sl = slices[0]
-    extra = sorted(str(k) for k in sl if k != "sources")
-    if extra or not isinstance(sl.get("sources"), list) or not sl["sources"]:
-        raise ConfigError(
-            f"slices[0]: expected only 'sources' (a non-empty list), got keys {sorted(map(str, sl))}"
-        )
-    ranges = set()
-    models = []
-    for i, src in enumerate(sl["sources"]):
-        if not isinstance(src, Mapping) or "model" not in src:
-            raise ConfigError(f"slices[0].sources[{i}] must be a mapping with 'model', got {src!r}")
-        bad = sorted(str(k) for k in src if k not in ("model", "layer_range", "parameters"))
-        if bad:
-            raise ConfigError(f"slices[0].sources[{i}]: unsupported key(s) {bad}")
-        lr = src.get("layer_range")
-        if lr is not None:
-            if not isinstance(lr, list) or len(lr) != 2 or not all(type(x) is int for x in lr) or lr[0] != 0:
+def _translate_slices(slices: Any, mk_method: str, base: str | None, keep_base: bool) -> list[dict[str, Any]]:
+    """mergekit ``slices`` -> layerwise ``slices`` (same structure, parameters translated)."""
+    if not isinstance(slices, list) or not slices:
+        raise ConfigError(f"slices must be a non-empty list of {{sources: [...]}}, got {slices!r}")
+    out = []
+    for s, sl in enumerate(slices):
+        where = f"slices[{s}]"
+        if not isinstance(sl, Mapping) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
+            raise ConfigError(f"{where} must be a mapping with a non-empty 'sources' list, got {sl!r}")
+        extra = sorted(str(k) for k in sl if k not in ("sources", "parameters", "base_model"))
+        if extra:
+            raise ConfigError(
+                f"{where}: unsupported key(s) {extra}; supported: sources, parameters, base_model"
+            )
+        slice_base = sl.get("base_model")
+        slice_base = base if slice_base is None else _ref(f"{where}.base_model", slice_base)
+        sources = []
+        for k, src in enumerate(sl["sources"]):
+            w = f"{where}.sources[{k}]"
+            if not isinstance(src, Mapping) or "model" not in src:
+                raise ConfigError(f"{w} must be a mapping with 'model' and 'layer_range', got {src!r}")
+            bad = sorted(str(x) for x in src if x not in ("model", "layer_range", "parameters"))
+            if bad:
+                raise ConfigError(f"{w}: unsupported key(s) {bad}; supported: model, layer_range, parameters")
+            ref = _ref(f"{w}.model", src["model"])
+            if "+" in ref:
                 raise ConfigError(
-                    f"slices[0].sources[{i}].layer_range must be [0, NUM_LAYERS] (whole model), got {lr!r}"
+                    f"{w}.model {ref!r}: LoRA adapters (MODEL+ADAPTER) are not supported in slices"
                 )
-            ranges.add(tuple(lr))
-        models.append({k: v for k, v in src.items() if k != "layer_range"})
-    if len(ranges) > 1:
-        raise ConfigError(f"slices[0]: the sources' layer_range values differ ({sorted(ranges)})")
-    return models
+            if "layer_range" not in src:
+                raise ConfigError(f"{w}: layer_range is required in a slice source")
+            is_base = ref == slice_base and keep_base
+            params = {} if is_base else _map_params(f"{w}.parameters", mk_method, src.get("parameters"), True)
+            sources.append({"model": ref, "layer_range": src["layer_range"], "parameters": params})
+        params = _map_params(f"{where}.parameters", mk_method, sl.get("parameters"), False)
+        raw = [{"model": x["model"], "parameters": x.get("parameters")} for x in sl["sources"]]
+        _hoist_lambda(raw, slice_base, mk_method, params, where)
+        entry: dict[str, Any] = {"sources": sources, "parameters": params}
+        if sl.get("base_model") is not None and keep_base:
+            entry["base_model"] = slice_base
+        out.append(entry)
+    return out
 
 
 def _ref(where: str, value: Any) -> str:
@@ -165,10 +216,47 @@ def _map_params(where: str, method: str, params: Any, per_model: bool) -> dict[s
             continue
         if name == "lambda" and per_model:
             continue  # hoisted into the global parameters by translate_mergekit
+        if name == "lambda" and method not in _LAMBDA_METHODS:
+            raise ConfigError(f"{where}.lambda: only {list(_LAMBDA_METHODS)} take lambda, not {method}")
         if name == "density" and method in ("dare_ties", "dare_linear"):
-            out["drop_rate"] = _one_minus(f"{where}.density", value)
+            out["drop_rate"] = _one_minus(f"{where}.density", _numbers(value))
             continue
-        out[name] = value
+        out[name] = _numbers(_drop_pattern(f"{where}.{name}", value))
+    return out
+
+
+_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _numbers(value: Any) -> Any:
+    """Numeric strings -> floats, inside gradients and filter lists too: YAML 1.1 (PyYAML) reads ``1e-5``
+    as a string, and mergekit converts such strings for its numeric parameters."""
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, Mapping) and "value" in value:
+        return {**value, "value": _numbers(value["value"])}
+    return value
+
+
+def _drop_pattern(where: str, value: Any) -> Any:
+    """``{pattern: X, value: V}`` entries -> ``{value: V}`` with a warning: mergekit's conditional parameters
+    know only ``filter``; it ignores ``pattern``, so such an entry matches every tensor."""
+    if not isinstance(value, list) or not any(isinstance(e, Mapping) and "pattern" in e for e in value):
+        return value
+    out = []
+    for i, e in enumerate(value):
+        if isinstance(e, Mapping) and "pattern" in e:
+            if "filter" not in e:
+                warnings.warn(
+                    f"{where}[{i}]: 'pattern: {e['pattern']}' is not a mergekit key (mergekit ignores it, so "
+                    "this entry applies to every tensor; layerwise does the same); write 'filter' to select "
+                    "tensors by name",
+                    stacklevel=3,
+                )
+            e = {k: v for k, v in e.items() if k != "pattern"}
+        out.append(e)
     return out
 
 
@@ -192,9 +280,11 @@ def _one_minus(where: str, value: Any) -> Any:
     return flip(value)
 
 
-def _hoist_lambda(raw_models: list, base: str | None, method: str, params: dict[str, Any]) -> None:
-    """mergekit's DELLA reads ``lambda`` from the models' parameters but uses one value for the merge: it
-    becomes the global ``lambda`` (all models must agree)."""
+def _hoist_lambda(
+    raw_models: list, base: str | None, method: str, params: dict[str, Any], where: str = "models"
+) -> None:
+    """A ``lambda`` in the models' parameters (older mergekit read DELLA's from there) becomes the global
+    ``lambda`` when every model gives the same value; mergekit 0.1.5 reads only the global one."""
     given = {}
     for i, e in enumerate(raw_models):
         if (
@@ -206,15 +296,25 @@ def _hoist_lambda(raw_models: list, base: str | None, method: str, params: dict[
                 given[i] = e["parameters"]["lambda"]
     if not given:
         return
-    if not method.startswith("della"):
-        raise ConfigError(f"models[{min(given)}].parameters.lambda: only della/della_linear take lambda")
+    if method not in _LAMBDA_METHODS:
+        raise ConfigError(
+            f"{where}[{min(given)}].parameters.lambda: only {list(_LAMBDA_METHODS)} take lambda"
+        )
     values = set(map(repr, given.values()))
     if len(values) > 1 or len(given) < sum(1 for e in raw_models if not _is_base(e, base)):
         raise ConfigError(
-            f"models[*].parameters.lambda: DELLA scales the merged vector by one lambda; give the same value "
-            f"for every model (or once under parameters), got {dict(given)}"
+            f"{where}[*].parameters.lambda: lambda scales the merged vector once; give the same value for "
+            f"every model (or once under parameters), got {dict(given)}"
         )
+    if "lambda" in params and repr(params["lambda"]) not in values:
+        raise ConfigError(f"{where}[*].parameters.lambda {dict(given)} contradicts parameters.lambda")
     params["lambda"] = next(iter(given.values()))
+    warnings.warn(
+        f"{where}[*].parameters.lambda = {params['lambda']!r}: applied as the global lambda (as mergekit "
+        "releases before 0.1.5 did); mergekit 0.1.5 reads lambda only from the global or slice parameters "
+        "and ignores it here",
+        stacklevel=3,
+    )
 
 
 def _is_base(entry: Any, base: str | None) -> bool:
@@ -244,13 +344,25 @@ def translate_mergekit(data: Mapping[str, Any]) -> dict[str, Any]:
     method, fixed, defaults = MERGEKIT_METHODS[mk_method]
     if "models" in data and "slices" in data:
         raise ConfigError("give either 'models' or 'slices', not both")
-    raw_models = _models_from_slices(data["slices"]) if "slices" in data else data.get("models")
+    base = data.get("base_model")
+    base = None if base is None else _ref("base_model", base)
+    if "slices" in data:
+        keep_base = mk_method != "linear"  # linear averages every source, the base included
+        out: dict[str, Any] = {
+            "method": method,
+            "slices": _translate_slices(data["slices"], mk_method, base, keep_base),
+            "parameters": {**defaults, **_map_params("parameters", mk_method, data.get("parameters"), False)},
+        }
+        out["parameters"].update(fixed)
+        _density_to_drop_rate(mk_method, defaults, out["parameters"])
+        if base is not None and keep_base:
+            out["base_model"] = base
+        return _finish(data, out)
+    raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         raise ConfigError(
             f"models must be a non-empty list of {{model: PATH, parameters: {{...}}}}, got {raw_models!r}"
         )
-    base = data.get("base_model")
-    base = None if base is None else _ref("base_model", base)
     models = []
     for i, entry in enumerate(raw_models):
         if isinstance(entry, str):
@@ -277,12 +389,21 @@ def translate_mergekit(data: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("models lists only the base model; nothing to merge")
     params = {**defaults, **_map_params("parameters", mk_method, data.get("parameters"), False), **fixed}
     _hoist_lambda(raw_models, base, mk_method, params)
+    _density_to_drop_rate(mk_method, defaults, params)
+    out = {"method": method, "models": models, "parameters": params}
+    if base is not None:
+        out["base_model"] = base
+    return _finish(data, out)
+
+
+def _density_to_drop_rate(mk_method: str, defaults: Mapping[str, Any], params: dict[str, Any]) -> None:
     if "density" in defaults and mk_method in ("dare_ties", "dare_linear"):
         params.setdefault("drop_rate", 1.0 - params.pop("density"))
         params.pop("density", None)
-    out: dict[str, Any] = {"method": method, "models": models, "parameters": params}
-    if base is not None:
-        out["base_model"] = base
+
+
+def _finish(data: Mapping[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """The keys every translated config shares: dtype, tokenizer_source, layerwise's own keys."""
     dtype = data.get("out_dtype", data.get("dtype"))
     if dtype is not None:
         key = "out_dtype" if "out_dtype" in data else "dtype"
@@ -291,12 +412,12 @@ def translate_mergekit(data: Mapping[str, Any]) -> dict[str, Any]:
         out["dtype"] = _DTYPES[dtype]
     tok = data.get("tokenizer_source")
     if tok is not None:
-        if tok != "base":
+        if tok not in ("base", "union"):
             raise ConfigError(
                 f"tokenizer_source {tok!r} is not supported; use 'base' (the merged model keeps the base's "
-                "tokenizer and vocabulary) or omit it"
+                "tokenizer and vocabulary), 'union' (the union of the models' tokenizers) or omit it"
             )
-        out["tokenizer_source"] = "base"
+        out["tokenizer_source"] = tok
     for k in _LAYERWISE_KEYS:
         if k in data:
             out[k] = data[k]

@@ -68,7 +68,18 @@ def rerun_config(config: Mapping[str, Any]) -> dict[str, Any]:
         return None if p is None else str(Path(p).resolve())
 
     data["base_model"] = absolute(data.get("base_model"))
-    data["models"] = [{**m, "model": absolute(m["model"])} for m in data.get("models", [])]
+    if "slices" in data:  # a slices merge: paths inside the slices, no models list
+        data["slices"] = [
+            {
+                **sl,
+                "sources": [{**src, "model": absolute(src["model"])} for src in sl["sources"]],
+                **({"base_model": absolute(sl["base_model"])} if sl.get("base_model") else {}),
+            }
+            for sl in data["slices"]
+        ]
+        data.pop("models", None)
+    else:
+        data["models"] = [{**m, "model": absolute(m["model"])} for m in data.get("models", [])]
     return {k: v for k, v in data.items() if v is not None}
 
 

@@ -8,9 +8,11 @@ Not public API: experiment logic only. The library pieces are in :mod:`layerwise
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,24 +138,44 @@ class World:
     @torch.no_grad()
     def features(self, deltas: Mapping[str, torch.Tensor] | None, task: str, split: str) -> torch.Tensor:
         """Encoder features (N, D) at ``theta0 + deltas`` (the non-linear model)."""
-        x, _ = self.data(task, split)
+        return self.features_many(deltas, (task,), split)[task]
+
+    @torch.no_grad()
+    def features_many(
+        self, deltas: Mapping[str, torch.Tensor] | None, tasks: Sequence[str], split: str
+    ) -> dict[str, torch.Tensor]:
+        """``{task: features (N_task, D)}`` at ``theta0 + deltas`` for several tasks in one forward pass on
+        their concatenated inputs (the encoder treats samples independently: the same numbers, bit for bit,
+        as one pass per task, at a fraction of the per-call overhead)."""
+        tasks = tuple(dict.fromkeys(tasks))
         if not deltas:
-            key = ("f0", task, split)
-            if key not in self._f0:
-                self._f0[key] = self.encoder(x)
-            return self._f0[key]
+            missing = tuple(t for t in tasks if ("f0", t, split) not in self._f0)
+            if missing:
+                z = self._forward(self.theta0, missing, split)
+                self._f0.update({("f0", t, split): v for t, v in z.items()})
+            return {t: self._f0[("f0", t, split)] for t in tasks}
         params = {k: v + deltas[k] if k in deltas else v for k, v in self.theta0.items()}
-        return functional_call(self.encoder, params, (x,))
+        return self._forward(params, tasks, split)
+
+    def _forward(self, params: Mapping[str, torch.Tensor], tasks: tuple[str, ...], split: str) -> dict:
+        xs = [self.data(t, split)[0] for t in tasks]
+        z = functional_call(self.encoder, dict(params), (torch.cat(xs) if len(xs) > 1 else xs[0],))
+        return dict(zip(tasks, z.split([x.shape[0] for x in xs]), strict=True))
 
     @torch.no_grad()
     def jvp(self, mode: str, vec: str, task: str, split: str) -> torch.Tensor:
-        """``J tau`` (N, D) of task vector ``(mode, vec)`` on ``task``'s split (cached)."""
+        """``J tau`` (N, D) of task vector ``(mode, vec)`` on ``task``'s split (cached). One forward-mode pass
+        computes it on the validation and test splits of every task at once (the same numbers as one pass
+        per split: samples are independent)."""
         key = (mode, vec, task, split)
         if key not in self._jvp:
-            x, _ = self.data(task, split)
-            f0, jt = linearized_jvp(self.encoder, self.params0(), self.tau(mode, vec), (x,))
-            self._f0.setdefault(("f0", task, split), f0)
-            self._jvp[key] = jt
+            parts = [(t, s) for t in self.tasks for s in ("val", "test")]
+            xs = [self.data(t, s)[0] for t, s in parts]
+            f0, jt = linearized_jvp(self.encoder, self.params0(), self.tau(mode, vec), (torch.cat(xs),))
+            sizes = [x.shape[0] for x in xs]
+            for (t, s), f, j in zip(parts, f0.split(sizes), jt.split(sizes), strict=True):
+                self._f0.setdefault(("f0", t, s), f)
+                self._jvp[(mode, vec, t, s)] = j
         return self._jvp[key]
 
     def params0(self) -> dict[str, torch.Tensor]:
@@ -168,21 +190,36 @@ class World:
     ) -> float:
         """Accuracy on ``task`` of ``theta0 + sum c * tau(mode, vec)`` for ``combo = [(mode, vec, c), ...]``:
         the non-linear model (``linear=False``) or the linearized one (``f0 + sum c J tau``)."""
+        return self.acc_combo_many(combo, (task,), split, linear)[task]
+
+    def acc_combo_many(
+        self, combo: Sequence[tuple[str, str, float]], tasks: Sequence[str], split: str, linear: bool
+    ) -> dict[str, float]:
+        """:meth:`acc_combo` on several tasks (one forward pass for the non-linear model)."""
         if linear:
-            z = self.features(None, task, split).clone()
-            for mode, vec, c in combo:
-                if c:
-                    z += c * self.jvp(mode, vec, task, split)
-        else:
-            deltas: dict[str, torch.Tensor] = {}
-            for mode, vec, c in combo:
-                for k, v in self.tau(mode, vec).items():
-                    deltas[k] = deltas.get(k, 0) + c * v
-            z = self.features(deltas if any(c for *_, c in combo) else None, task, split)
-        return self.accuracy_from_features(z, task, split)
+            out = {}
+            for task in tasks:
+                z = self.features(None, task, split).clone()
+                for mode, vec, c in combo:
+                    if c:
+                        z += c * self.jvp(mode, vec, task, split)
+                out[task] = self.accuracy_from_features(z, task, split)
+            return out
+        deltas: dict[str, torch.Tensor] = {}
+        for mode, vec, c in combo:
+            for k, v in self.tau(mode, vec).items():
+                deltas[k] = deltas.get(k, 0) + c * v
+        return self.acc_deltas_many(deltas if any(c for *_, c in combo) else None, tasks, split)
 
     def acc_deltas(self, deltas: Mapping[str, torch.Tensor] | None, task: str, split: str) -> float:
-        return self.accuracy_from_features(self.features(deltas, task, split), task, split)
+        return self.acc_deltas_many(deltas, (task,), split)[task]
+
+    def acc_deltas_many(
+        self, deltas: Mapping[str, torch.Tensor] | None, tasks: Sequence[str], split: str
+    ) -> dict[str, float]:
+        """``{task: accuracy}`` of ``theta0 + deltas`` on ``split`` of each task (one forward pass)."""
+        z = self.features_many(deltas, tasks, split)
+        return {t: self.accuracy_from_features(z[t], t, split) for t in z}
 
 
 def world_spec(config, arch: str, seed: int) -> WorldSpec:
@@ -224,6 +261,20 @@ def get_world(spec: WorldSpec) -> World:
         theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
         _CACHE[spec] = World(spec, encoder, tasks, heads, theta0)
     return _CACHE[spec]
+
+
+def point_config(config: Any, **extra: Any) -> dict[str, Any]:
+    """The sweep-point config of one seed of an experiment ``Config``: every field but ``seeds`` and
+    ``archs`` (the grid's axes), plus ``extra`` (e.g. ``arch``)."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return {k: v for k, v in fields.items() if k not in ("seeds", "archs")} | extra
+
+
+def config_from_point(cls: type, point: Mapping[str, Any]) -> Any:
+    """Rebuild an experiment ``Config`` from :func:`point_config`'s dict after its JSON round trip (lists
+    back to tuples; fields not in the point keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in point.items() if k in names})
 
 
 def mean(values: Iterable[float]) -> float:

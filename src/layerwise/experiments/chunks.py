@@ -4,6 +4,7 @@ Command::
 
     layerwise reproduce chunks --scale quick --out results   # ~25 s on 2 cores (27 CPU-s)
     layerwise reproduce chunks --scale full --out results    # L = 5, 7, 9, ~13 min
+    layerwise reproduce chunks --scale full --executor process --resume   # one sweep point per noise level
 
 For RHM data (``v = n_c = 32, m = 8, s = 2``) each ``x0`` is run through forward-backward with the exact BP
 denoiser ``n_traj`` times per noise level. With ``sigma_i = 1`` if token ``i`` changed, the connected
@@ -25,20 +26,17 @@ and at the transition ``C(r) ~ 1/r``; the correlation length diverges as ``|eps 
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .._io import save_figure, write_csv, write_json
-from ..hierarchy import RHM
 from ..hierarchy import theory as mf
-from ..hierarchy.forward_backward import BPDenoiser, forward_backward
 from ..hierarchy.observables import fit_power_law, peak_location
 from ._base import EXPERIMENTS, Experiment, grid
+from ._bp_levels import measure_curves
 from .claims import SYSTEMS, Claim, Table, verdict_from, verdict_within
 
 __all__ = ["Config", "run"]
@@ -62,29 +60,34 @@ class Config:
     # (results.json also lists the exponent for other ranges: the fit is sensitive to it).
     fit_r_max_fraction: float = 0.125
     float32: bool = False
+    threads: int = 2  # torch threads of each sweep point (BP's sums, hence the last bits, depend on it)
     rules_seed: int = 0
     seed: int = 2
 
 
-def _sweep(rhm: RHM, process: str, levels: tuple[float, ...], cfg: Config, seed: int,
-           executor: Executor | None) -> list[dict[str, Any]]:
-    data = rhm.sample(cfg.n_x0, seed=seed)
-    den = BPDenoiser(rhm, dtype=torch.float32 if cfg.float32 else torch.float64)
-    res = forward_backward(data, process, levels, cfg.n_traj, den, seed=seed + 1, keep_trajectories=False,
-                           executor=executor)
-    return [r.summary() for r in res.levels]
+def _curves(config: Config, out: Path) -> list[list[dict[str, Any]]]:
+    """Per-level summaries of the eps-process at every depth, then of masking at the largest depth: one
+    sweep point per (process, depth, noise level) (:mod:`._bp_levels`), so ``--executor`` and ``--resume``
+    apply."""
+    def spec(L: int, process: str) -> dict[str, Any]:
+        return {"v": config.v, "n_c": config.n_c, "m": config.m, "s": config.s, "L": L,
+                "rules_seed": config.rules_seed, "process": process, "n_data": config.n_x0,
+                "n_traj": config.n_traj, "float32": config.float32, "threads": config.threads}
+
+    curves = [(spec(L, "eps"), config.eps_levels, config.seed + 100 * L) for L in config.depths]
+    curves.append((spec(max(config.depths), "mask"), config.mask_levels, config.seed + 7))
+    return measure_curves("chunks", curves, out)
 
 
-def run(config: Config, out: Path, executor: Executor | None = None) -> dict[str, Any]:
+def run(config: Config, out: Path) -> dict[str, Any]:
     """Run the study into ``out``; returns the key numbers (chi peaks next to the mean-field eps*)."""
     v, m, s = config.v, config.m, config.s
     eps_star = mf.critical_noise(v, m, s)
     eps = list(config.eps_levels)
+    *depth_rows, mask_rows = _curves(config, out)
     sweeps: dict[int, list[dict[str, Any]]] = {}
     peaks: dict[int, dict[str, float]] = {}
-    for L in tqdm(config.depths, desc="chunks: depths", unit="L"):
-        rhm = RHM(v, config.n_c, m, s, L, seed=config.rules_seed)
-        rows = _sweep(rhm, "eps", config.eps_levels, config, config.seed + 100 * L, executor)
+    for L, rows in zip(config.depths, depth_rows, strict=True):
         chi = [r["chi"] for r in rows]
         k = max(range(len(chi)), key=lambda i: chi[i] if chi[i] == chi[i] else -1.0)
         peaks[L] = {"eps_peak": peak_location(eps, chi), "chi_max": chi[k], "eps_peak_grid": eps[k]}
@@ -107,8 +110,6 @@ def run(config: Config, out: Path, executor: Executor | None = None) -> dict[str
         except ValueError:
             by_range[f"{frac:g}"] = float("nan")
     # Masking process at the largest depth.
-    rhm = RHM(v, config.n_c, m, s, L_max, seed=config.rules_seed)
-    mask_rows = _sweep(rhm, "mask", config.mask_levels, config, config.seed + 7, executor)
     mask_chi = [r["chi"] for r in mask_rows]
     mask_peak = peak_location(list(config.mask_levels), mask_chi)
 

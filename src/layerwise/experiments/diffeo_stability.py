@@ -4,6 +4,7 @@ Command::
 
     layerwise reproduce diffeo-stability --scale quick --out results
     layerwise reproduce diffeo-stability --scale full --out results    # ~1 h on 2 cores (estimate, not run)
+    layerwise reproduce diffeo-stability --scale full --executor slurm --resume    # one job per training
 
 Two image sets that ship with the code or its extras, each judged by the same rules (fixed in :func:`_claims`
 before any run):
@@ -18,13 +19,15 @@ before any run):
 
 Four small architectures (fully connected, LeNet-like, a small ResNet, a small ViT;
 :mod:`layerwise.experiments._vision_nets`) are trained with Adam on the first P images of a seeded shuffle,
-for each P in ``train_sizes``. For each net at initialisation and after training we measure D_f, G_f and
-R_f of the logits (:func:`layerwise.diffeo.relative_stability`, the paper's noise normalisation) on
-``n_probe`` test images, with cutoff c and the temperature whose typical displacement is 1 pixel, and the
-**in-support control**: G_f and R_f again with the noise drawn inside the principal subspace of the training
-images (:func:`layerwise.diffeo.principal_subspace`, ``support_variance`` of the variance). Isotropic noise
-that lies off the data's support can be ignored by a trained net for reasons unrelated to diffeos; the
-control tells that case apart. The paper's figure 1 is redrawn from scikit-learn's sample photograph.
+for each P in ``train_sizes``; each (image set, net, seed) is one point of the sweep runner
+(:mod:`layerwise.sweep`), so ``--executor`` and ``--resume`` apply. For each net at initialisation and after
+training we measure D_f, G_f and R_f of the logits (:func:`layerwise.diffeo.relative_stability`, the paper's
+noise normalisation) on ``n_probe`` test images, with cutoff c and the temperature whose typical displacement
+is 1 pixel, and the **in-support control**: G_f and R_f again with the noise drawn inside the principal
+subspace of the training images (:func:`layerwise.diffeo.principal_subspace`, ``support_variance`` of the
+variance). Isotropic noise that lies off the data's support can be ignored by a trained net for reasons
+unrelated to diffeos; the control tells that case apart. The paper's figure 1 is redrawn from scikit-learn's
+sample photograph.
 
 Paper (Petrini, Favero, Geiger, Wyart, NeurIPS 2021): R_f ~ 1 at initialisation; it falls by several decades
 during training for state-of-the-art nets; across 15 architectures on CIFAR-10 the test error follows
@@ -36,7 +39,9 @@ rests on 12 trained points, and its exponent is not comparable to CIFAR-10's (ot
 
 from __future__ import annotations
 
-import concurrent.futures
+import dataclasses
+import functools
+import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -47,11 +52,12 @@ import torch
 
 from .._io import save_figure, write_csv, write_json
 from ..errors import MissingExtraError, ParameterError
+from ..sweep import Point, current_options, run_sweep
 from ._base import EXPERIMENTS, Experiment
 from ._vision_nets import make_net
 from .claims import SYSTEMS, Claim, Table, mean_std, verdict_from
 
-__all__ = ["Config", "run", "load_digits", "load_dataset"]
+__all__ = ["Config", "run", "load_digits", "load_dataset", "train_point"]
 
 PAPER = "Petrini, Favero, Geiger, Wyart, NeurIPS 2021"
 DATASETS = ("digits", "shapes")
@@ -83,8 +89,10 @@ class Config:
     estimator: str = "mean"  # the paper's definition ("median": the authors' code)
     support_variance: float = 0.99  # the control's noise subspace: this fraction of the training variance
     seeds: tuple[int, ...] = (0,)
-    workers: int = 2  # > 1: a process pool over (dataset, net, seed) tasks, one torch thread each
-    torch_threads: int = 2  # threads of the in-process loop (workers == 1)
+    # > 1: with the default in-process sweep executor, the (dataset, net, seed) points run on a local spawn
+    # pool of this many workers; another --executor (process, dask, slurm) is used as chosen.
+    workers: int = 2
+    torch_threads: int = 1  # torch threads of every point, whatever the executor (the numbers depend on it)
     grid_size: int = 128  # side of the sample photograph in the figure-1 grid
     grid_steps: int = 5  # temperatures in the figure-1 grid (log-spaced over [T_min, T_max])
     grid_c: int = 5
@@ -161,12 +169,10 @@ def _measure(net: torch.nn.Module, probe: torch.Tensor, basis: torch.Tensor, con
     return {"D": iso.D, "G": iso.G, "R": iso.R, "G_sup": sup.G, "R_sup": sup.R}
 
 
-def _task(data: dict[str, Any], net_name: str, seed: int, config: Config,
-          threads: int) -> list[dict[str, Any]]:
+def _task(data: dict[str, Any], net_name: str, seed: int, config: Config) -> list[dict[str, Any]]:
     """Initialise one net (seed), measure it, then train a copy for each P and measure again."""
     import copy
 
-    torch.set_num_threads(threads)
     x, y, test, pool = data["x"], data["y"], data["test"], data["pool"]
     x_test, y_test = x[test], y[test]
     probe = x_test[: config.n_probe]
@@ -198,27 +204,85 @@ def _task(data: dict[str, Any], net_name: str, seed: int, config: Config,
     return rows
 
 
-def _run_tasks(config: Config, data: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    # The slowest tasks first, so that the pool's two workers finish together.
+# Config fields that pick the images (the same for every point of one image set).
+_DATA_FIELDS = ("image_size", "shapes_size", "shapes_n", "shapes_seed", "image_folder", "folder_size",
+                "folder_grayscale", "folder_max_per_class", "n_test", "support_variance")
+# Config fields that are the grid's axes or do not enter a point's numbers: left out of the point's config.
+_NOT_IN_POINT = ("nets", "datasets", "seeds", "workers", "torch_threads", "grid_size", "grid_steps", "grid_c")
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_dataset(name: str, fields: str) -> dict[str, Any]:
+    """:func:`load_dataset` once per process and image set (``fields``: JSON of the ``_DATA_FIELDS``), with
+    one torch thread: the last bits of the standardised images and of their principal subspace depend on the
+    thread count, and every executor must see the same images."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return load_dataset(name, Config(**json.loads(fields)))
+    finally:
+        torch.set_num_threads(previous)
+
+
+_DIGITS_N = 1797  # images in scikit-learn's digits
+
+
+def _n_images(name: str, config: Config) -> int:
+    """How many images the set holds, without drawing them when that is known (the points load the sets)."""
+    if name == "digits":
+        return _DIGITS_N
+    if name == "shapes":
+        return config.shapes_n
+    return len(_dataset(name, config)["x"])
+
+
+def _dataset(name: str, config: Config) -> dict[str, Any]:
+    return _cached_dataset(name, json.dumps({k: getattr(config, k) for k in _DATA_FIELDS}, sort_keys=True))
+
+
+def train_point(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One sweep point: one net of one image set initialised with ``seed``, measured, then trained for each
+    training-set size and measured again; returns ``{"rows": [...], "support_rank": k}`` (one row per size;
+    k: the dimension of the in-support noise subspace).
+
+    ``config`` holds ``dataset``, ``net``, ``threads`` (torch threads of the point) and ``study`` (the other
+    :class:`Config` fields, as JSON).
+    """
+    study = {k: tuple(v) if isinstance(v, list) else v for k, v in config["study"].items()}
+    cfg = Config(**study)
+    previous = torch.get_num_threads()
+    if config["threads"] != previous:  # changing it costs milliseconds: only when needed
+        torch.set_num_threads(config["threads"])
+    try:
+        data = _dataset(config["dataset"], cfg)
+        return {"rows": _task(data, config["net"], seed, cfg), "support_rank": int(data["basis"].shape[0])}
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def _run_points(config: Config, names: tuple[str, ...], out: Path
+                ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every (image set, net, seed) training on the sweep runner: the rows in (set, net, seed, P) order and
+    the support rank of each image set."""
+    study = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+             if f.name not in _NOT_IN_POINT}
+    if config.image_folder is not None:  # workers may start elsewhere
+        study["image_folder"] = str(Path(config.image_folder).resolve())
+    tasks = [(d, net, seed) for d in names for net in config.nets for seed in config.seeds]
+    # The slowest first, so that a pool's workers finish together.
     cost = {"resnet": 4, "vit": 3, "lenet": 2, "fc": 1}
-    tasks = sorted(((d, net, seed) for d in data for net in config.nets for seed in config.seeds),
-                   key=lambda t: -cost.get(t[1], 0))
-    if config.workers <= 1:
-        from tqdm.auto import tqdm
-
-        out = [(t, _task(data[t[0]], t[1], t[2], config, config.torch_threads))
-               for t in tqdm(tasks, desc="diffeo-stability", leave=False)]
-    else:
-        import multiprocessing
-
-        # spawn: fresh interpreters, no forked torch thread pools.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(config.workers, mp_context=context) as pool:
-            futures = [(t, pool.submit(_task, data[t[0]], t[1], t[2], config, 1)) for t in tasks]
-            out = [(t, f.result()) for t, f in futures]
-    order = {(d, net, seed): k for k, (d, net, seed) in enumerate(
-        (d, net, seed) for d in data for net in config.nets for seed in config.seeds)}
-    return [r for _, rows in sorted(out, key=lambda item: order[item[0]]) for r in rows]
+    order = sorted(range(len(tasks)), key=lambda k: -cost.get(tasks[k][1], 0))
+    points = [Point({"dataset": tasks[k][0], "net": tasks[k][1], "threads": config.torch_threads,
+                     "study": study}, tasks[k][2]) for k in order]
+    opts = dataclasses.replace(current_options(), threads=config.torch_threads)  # every point sets it anyway
+    if opts.executor == "inprocess" and config.workers > 1:
+        opts = dataclasses.replace(opts, executor="process", max_workers=config.workers)
+    folder = opts.folder_for("diffeo-stability", out / "points")
+    results = run_sweep(train_point, points, folder, opts).results()
+    by_task = {order[n]: result["rows"] for n, result in enumerate(results)}
+    ranks = {tasks[order[n]][0]: result["support_rank"] for n, result in enumerate(results)}
+    return [row for k in range(len(tasks)) for row in by_task[k]], {name: ranks.get(name) for name in names}
 
 
 def _fit(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
@@ -398,13 +462,17 @@ def _claims(rows: list[dict[str, Any]], fits: dict[str, Any], config: Config, na
 
 def run(config: Config, out: Path) -> dict[str, Any]:
     names = _datasets(config)
-    data = {name: load_dataset(name, config) for name in names}
-    for name, d in data.items():
-        if max(config.train_sizes) > len(d["pool"]) or config.n_probe > config.n_test:
-            raise ParameterError(f"the {name} set has {len(d['pool'])} training images and {config.n_test} "
+    for name in names:  # before any training; the points load the images themselves
+        n_images = _n_images(name, config)
+        if n_images <= config.n_test + 1:
+            raise ParameterError(f"the {name} set has {n_images} images, not more than n_test = "
+                                 f"{config.n_test}")
+        n_pool = n_images - config.n_test
+        if max(config.train_sizes) > n_pool or config.n_probe > config.n_test:
+            raise ParameterError(f"the {name} set has {n_pool} training images and {config.n_test} "
                                  f"test images: train_sizes (max {max(config.train_sizes)}) and n_probe "
                                  f"({config.n_probe}) must fit in them")
-    rows = _run_tasks(config, data)
+    rows, ranks = _run_points(config, names, out)
     _grid_figure(config, out / "diffeo_grid.png")
     fits = {name: _fits([r for r in rows if r["dataset"] == name]) for name in names}
     _plot(rows, {name: {k: fits[name][k] for k in ("R", "R_sup")} for name in names}, config,
@@ -434,7 +502,6 @@ def run(config: Config, out: Path) -> dict[str, Any]:
                   columns=("data", "net", "P", "test error", "R_f init", "R_f trained", "R_f in-support",
                            "D_f trained", "G_f trained", "G_f in-support"),
                   rows=tuple(table_rows))
-    ranks = {name: int(data[name]["basis"].shape[0]) for name in names}
     write_json(out / "results.json", {"points": rows, "fits": fits, "support_rank": ranks})
     summary_fits = {name: f"eps ~ {fits[name]['R'][1]:.2g} R_f^{fits[name]['R'][0]:.2f} "
                           f"(r = {fits[name]['R'][2]:.2f}); in-support eps ~ {fits[name]['R_sup'][1]:.2g} "

@@ -6,7 +6,8 @@ Command::
                                                             # task-arithmetic in the same process)
 
 Same world as ``task-arithmetic`` (shared through a per-process cache): a small ViT pre-trained on upright
-digits, frozen prototype heads, non-linear fine-tunes on each downstream task.
+digits, frozen prototype heads, non-linear fine-tunes on each downstream task. Each seed is one point of
+the sweep runner (:mod:`layerwise.sweep`; ``--executor``, ``--resume``), as in ``task-arithmetic``.
 
 (c) Single task: the fine-tuned model forgets the other tasks (control = every other downstream task and
     the held-out upright digits, each normalized by its zero-shot accuracy). LiNeS scales the update of
@@ -15,8 +16,8 @@ digits, frozen prototype heads, non-linear fine-tunes on each downstream task.
     a uniform scaling ``theta0 + s tau`` (WiSE-FT-like) whose ``s`` gives the same validation target
     accuracy.
 (d) Multi-task: task arithmetic, TIES and Consensus merges of all task vectors, with the merge coefficient
-    searched on validation, against the same merges with LiNeS (alpha automatic, beta searched on the
-    method's grid).
+    searched on validation on the authors' grids (0.1-1.0 step 0.1; 0.1-1.5 for TIES), against the same
+    merges with LiNeS (alpha automatic, beta searched on the same grid).
 
 Paper (ViT-B/32): LiNeS keeps the target accuracy (EuroSAT 99.87 -> 98.70 at alpha = 0.1) while the control
 tasks recover most of their zero-shot accuracy (e.g. SUN397 52.6 -> 62.0, zero-shot 63.2), and it improves
@@ -34,20 +35,32 @@ from .._io import save_figure, write_csv
 from ..editing.lines import apply_lines, multitask_alpha
 from ..editing.merge import merge_models
 from ..editing.task_vector import TaskVector
+from ..sweep import Point, current_options, run_sweep
 from ..tangent.evaluation import (
-    ADDITION_GRID,
     LINES_ALPHA_GRID,
     LINES_BETA_GRIDS,
     search_addition,
     search_lines_single,
 )
 from ._base import EXPERIMENTS, Experiment, grid
-from ._editing_world import CONTROL, PAIRED_RULE, get_world, mean, one_thread, paired_verdict, world_spec
+from ._editing_world import (
+    CONTROL,
+    PAIRED_RULE,
+    config_from_point,
+    get_world,
+    mean,
+    one_thread,
+    paired_verdict,
+    point_config,
+    world_spec,
+)
 from .claims import Claim, Table, mean_std
 
 PAPER = "Wang et al., ICLR 2025 (LiNeS)"
 METHODS = ("task_arithmetic", "ties", "consensus")
-SCALE_GRIDS = {"task_arithmetic": ADDITION_GRID, "consensus": ADDITION_GRID, "ties": grid(0.1, 2.0, 0.1)}
+# The merge coefficient of the plain baselines is searched on the grids of the LiNeS authors' protocol (0.1 to
+# 1.0 in steps of 0.1 for task arithmetic and Consensus, 0.1 to 1.5 for TIES), the grids LiNeS' beta uses.
+SCALE_GRIDS: dict[str, tuple[float, ...]] = {m: LINES_BETA_GRIDS[m] for m in METHODS}
 
 
 @dataclass(frozen=True)
@@ -75,13 +88,14 @@ def _single_task(w, config: Config, zs: dict) -> dict:
         ft_val = w.acc_deltas(tau.to_dict(), t, "val")
 
         def measure(deltas, split, t=t, controls=controls):
-            target = w.acc_deltas(deltas, t, split)
-            control = mean([w.acc_deltas(deltas, c, split) / zs[c][split] for c in controls])
-            return target, control  # target accuracy, control normalized by zero-shot
+            accs = w.acc_deltas_many(deltas, [t, *controls], split)  # one forward pass for all tasks
+            control = mean([accs[c] / zs[c][split] for c in controls])
+            return accs[t], control  # target accuracy, control normalized by zero-shot
 
         lines_deltas = {a: apply_lines(tau, a).to_dict() for a in LINES_ALPHA_GRID}
         search = search_lines_single(lambda a, ld=lines_deltas, m=measure: m(ld[a], "val"), ft_val, 1.0)
-        uniform = {s: (s * tau).to_dict() for s in config.uniform_grid}
+        # s = 0 is the pre-trained model itself: its features are cached (the same numbers, no forward pass)
+        uniform = {s: (s * tau).to_dict() if s else None for s in config.uniform_grid}
         uni_val = {s: measure(uniform[s], "val") for s in config.uniform_grid}
         target_val = search.best_evaluation[0]
         reach = [s for s in config.uniform_grid if uni_val[s][0] >= target_val]
@@ -124,7 +138,7 @@ def _multi_task(w, config: Config) -> dict:
         plain = {s: (s * tau_m).to_dict() for s in SCALE_GRIDS[method]}
 
         def evaluate(deltas, split):
-            return {t: w.acc_deltas(deltas, t, split) for t in tasks}
+            return w.acc_deltas_many(deltas, tasks, split)
 
         r = search_addition(
             lambda s, p=plain: evaluate(p[s], "val"), {t: ft[t]["val"] for t in tasks}, SCALE_GRIDS[method]
@@ -152,7 +166,8 @@ def _multi_task(w, config: Config) -> dict:
 
 def _seed(config: Config, seed: int) -> dict:
     w = get_world(world_spec(config, config.arch, seed))
-    zs = {t: {s: w.acc_deltas(None, t, s) for s in ("val", "test")} for t in [*config.tasks, CONTROL]}
+    zs_split = {s: w.acc_deltas_many(None, [*config.tasks, CONTROL], s) for s in ("val", "test")}
+    zs = {t: {s: zs_split[s][t] for s in zs_split} for t in [*config.tasks, CONTROL]}
     return {"seed": seed, "single": _single_task(w, config, zs), "multi": _multi_task(w, config)}
 
 
@@ -199,9 +214,19 @@ def _plots(results: list[dict], config: Config, out: Path) -> dict[str, str]:
     }
 
 
-def run(config: Config, out: Path) -> dict:
+def seed_point(config: dict, seed: int) -> dict:
+    """One sweep point: the single-task and multi-task results of one seed (JSON-able).
+
+    Module-level so that spawned, Dask or SLURM workers import it; in one process the pre-trained model and
+    the fine-tunes are cached and shared with ``task-arithmetic`` (:mod:`._editing_world`)."""
     with one_thread():
-        results = [_seed(config, s) for s in config.seeds]
+        return _seed(config_from_point(Config, config), seed)
+
+
+def run(config: Config, out: Path) -> dict:
+    points = [Point(point_config(config), s) for s in config.seeds]
+    opts = current_options()
+    results = run_sweep(seed_point, points, opts.folder_for("lines", out / "points"), opts).results()
     n = len(results)
     # (c) single task: per seed, average over tasks
     per_seed = []

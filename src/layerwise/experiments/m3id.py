@@ -5,6 +5,9 @@ Command::
     layerwise reproduce m3id --scale quick --out results    # ~50 s on 2 cores (4 seeds, 2 processes)
     layerwise reproduce m3id --scale full --out results     # 5 seeds x 6000 steps: ~30-40 min (estimate)
 
+Each seed is one point of the sweep runner (:mod:`layerwise.sweep`): ``--executor process|dask|slurm`` and
+``--resume`` work, and without an executor the seeds run in ``Config.workers`` spawned processes.
+
 For each seed, a tiny Llava (:mod:`layerwise.decoding.toy_vlm`) is trained from scratch on synthetic scenes
 whose captions carry a co-occurrence bias (``fork -> cup``, ``bus -> car``, ``kite -> bird``; the second
 object of each pair is drawn at low contrast), with 20% image dropout so that the image-free branch is a
@@ -43,20 +46,20 @@ See docs/guides/m3id.md for the numbers after longer training. The
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import statistics
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from .._io import save_figure, write_csv, write_json
+from ..sweep import Point, current_options, run_sweep
 from ._base import EXPERIMENTS, Experiment
 
-__all__ = ["Config", "run"]
+__all__ = ["Config", "run", "seed_point"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,8 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # 2 workers: 4 seeds take the wall time of 3
     n_train_scenes: int = 3000  # labelled captioning / yes-no training scenes
     train_steps: int = 600  # AdamW steps of batch_size examples (captioning is learned by ~600 steps; POPE
-    # is not learned at 2400 steps either, so its claims stay "not tested" at quick scale)
+    # is not learned at 2400 steps either, nor with the variants in docs/guides/m3id.md, so its claims stay
+    # "not tested" at quick scale)
     batch_size: int = 32
     image_dropout: float = 0.2  # fraction of training examples seen without the image
     hidden: int = 64  # text width of the toy Llava
@@ -86,7 +90,9 @@ class Config:
     dpo_lr: float = 5e-5
     dpo_beta: float = 0.1
     torch_threads: int = 1  # tiny models: one thread is fastest, and far faster on a shared machine
-    workers: int = 2  # seeds run in parallel processes (1: in this process); the rows do not depend on it
+    # seeds run in parallel processes (1: in this process) when no --executor is chosen; the rows do not
+    # depend on it. Each seed is one point of the sweep runner (layerwise.sweep): --executor, --resume
+    workers: int = 2
     n_reliance: int = 64  # test images whose greedy captions visual_reliance scores
     vcd: tuple[float, float, int] | None = (1.0, 0.1, 500)  # (alpha, beta, noise step): VCD's defaults
 
@@ -412,36 +418,6 @@ def _figure(agg: dict, config: Config, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _call_with_threads(fn: Any, threads: int, args: tuple) -> Any:
-    """``fn(*args)`` with torch limited to ``threads`` (in a worker process, or restored afterwards here)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(before)
-
-
-def run_calls(fn: Any, calls: list[tuple], *, workers: int, threads: int, desc: str) -> list[Any]:
-    """``[fn(*args) for args in calls]`` with ``threads`` torch threads per call (tiny models: more threads
-    only add OpenMP overhead), in ``workers`` spawned processes when ``workers > 1``.
-
-    Every call draws from its own seeded streams, so the results are the same as in one process (tested),
-    and they come back in call order.
-    """
-    if workers <= 1 or len(calls) <= 1:
-        return [_call_with_threads(fn, threads, args) for args in tqdm(calls, desc=desc, unit="seed")]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    ctx = multiprocessing.get_context("spawn")  # fork would inherit torch's thread pool state
-    with _thread_env(threads), ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(_call_with_threads, fn, threads, args) for args in calls]
-        return [f.result() for f in tqdm(futures, desc=desc, unit="seed")]
-
-
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -461,11 +437,60 @@ def _thread_env(threads: int) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _run_seeds(config: Any, one_seed: Any, desc: str) -> list[dict[str, Any]]:
-    """Rows of ``one_seed(config, seed)`` for every seed of ``config`` (see :func:`run_calls`)."""
-    per_seed = run_calls(one_seed, [(config, seed) for seed in config.seeds], workers=config.workers,
-                         threads=config.torch_threads, desc=desc)
-    return [row for rows in per_seed for row in rows]
+def thread_env_point(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Sweep point that reports the thread variables its worker sees and its process id (tests
+    :func:`seed_sweep`)."""
+    return {"pid": os.getpid(), **{k: os.environ.get(k) for k in _THREAD_VARS}}
+
+
+def point_config(config: Any, drop: Sequence[str] = ("seeds", "workers")) -> dict[str, Any]:
+    """The JSON config of a seed's sweep point: every field of ``config`` but ``drop`` (the seed list and
+    the worker count do not change a seed's rows, so adding a seed reuses the finished ones)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in drop}
+
+
+def tuples(value: Any) -> Any:
+    """JSON lists back to the tuples of the frozen configs (recursively; dicts keep their keys)."""
+    if isinstance(value, list):
+        return tuple(tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: tuples(v) for k, v in value.items()}
+    return value
+
+
+def seed_sweep(name: str, fn: Any, points: list[Point], config: Any, out: Path) -> list[dict[str, Any]]:
+    """Results of ``fn`` at ``points`` on the sweep runner (:mod:`layerwise.sweep`), in point order.
+
+    The executor, ``--resume`` and the point folder come from :func:`layerwise.sweep.current_options`
+    (``layerwise reproduce --executor/--resume``); when none is chosen (the in-process default) and
+    ``config.workers > 1``, the points run in ``config.workers`` spawned processes. Every point runs with
+    ``config.torch_threads`` torch threads, and workers start with the OpenMP/BLAS thread variables set to
+    it. Each point draws from its own seeded streams and its result travels as JSON whatever the
+    executor, so the numbers do not depend on it (tested).
+    """
+    opts = current_options()
+    if opts.executor == "inprocess" and config.workers > 1 and len(points) > 1:
+        opts = dataclasses.replace(opts, executor="process", max_workers=config.workers)
+    opts = dataclasses.replace(opts, threads=config.torch_threads)
+    folder = opts.folder_for(name, Path(out) / "points")
+    env = _thread_env(config.torch_threads) if opts.executor != "inprocess" else contextlib.nullcontext()
+    with env:
+        return run_sweep(fn, points, folder, opts).results()
+
+
+def seed_point(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Sweep point of the m3id study: ``{"rows": [...]}``, every row of ``seed`` (one per decoding method).
+
+    ``config`` is :func:`point_config` of a :class:`Config` (JSON: tuples as lists).
+    """
+    return {"rows": _one_seed(Config(**tuples(config)), seed)}
+
+
+def _run_seeds(config: Config, out: Path) -> list[dict[str, Any]]:
+    """Rows of every seed of ``config``, each seed one sweep point (see :func:`seed_sweep`)."""
+    common = point_config(config)
+    results = seed_sweep("m3id", seed_point, [Point(common, seed) for seed in config.seeds], config, out)
+    return [row for res in results for row in res["rows"]]
 
 
 def run(config: Config, out: Path) -> dict[str, Any]:
@@ -476,7 +501,7 @@ def run(config: Config, out: Path) -> dict[str, Any]:
     require("trl", "dpo")
 
     out = Path(out)
-    rows = _run_seeds(config, _one_seed, "m3id seeds")
+    rows = _run_seeds(config, out)
     agg = _aggregate(rows)
     write_csv(out / "results.csv", rows)
     write_json(out / "results.json", {"per_seed": rows, "aggregate": agg})

@@ -4,6 +4,9 @@ Command::
 
     layerwise reproduce m3id-long --scale quick --out results    # ~80 s on 2 cores (5 seeds, 3 processes)
 
+Each seed (and the validation run) is one point of the sweep runner (:mod:`layerwise.sweep`), so
+``--executor`` and ``--resume`` work; without an executor the seeds run in ``Config.workers`` processes.
+
 The paper (Favero et al., CVPR 2024, Sec. 3, Fig. 2) rests on a premise: as a caption grows, the model's
 reliance on the image fades and the language prior takes over, and hallucinations come from that prior.
 This study first *measures* the premise with :func:`layerwise.decoding.visual_reliance` (``KL(p_c || p_u)``
@@ -52,10 +55,11 @@ from typing import Any
 
 from .._io import save_figure, write_csv, write_json
 from ..decoding.toy_vlm import SceneSpec
+from ..sweep import Point
 from ._base import EXPERIMENTS, Experiment
-from .m3id import _aggregate, _pope_items, _trained_toy_world, run_calls
+from .m3id import _aggregate, _pope_items, _trained_toy_world, point_config, seed_sweep, tuples
 
-__all__ = ["Config", "run", "select_setting"]
+__all__ = ["Config", "run", "select_setting", "seed_point"]
 
 VALIDATION_NOTE = (
     "validation seed 100, quick config (100 test scenes): greedy CHAIR_i 0.270, Cover 0.789, partner 0.917; "
@@ -97,8 +101,9 @@ class Config:
     grid_alphas: tuple[float, ...] = (0.3, 0.6, 0.9)
     max_cover_drop: float = 0.05
     n_reliance: int = 48  # test scenes whose greedy captions are scored by visual_reliance
-    # seeds run in parallel processes (1: in this process); results do not depend on it. 3 processes on 2
-    # cores keep both cores busy to the end (2 would leave one idle while the fifth seed runs alone)
+    # seeds run in parallel processes (1: in this process) when no --executor is chosen; results do not
+    # depend on it. 3 processes on 2 cores keep both cores busy to the end (2 would leave one idle while
+    # the fifth seed runs alone). Each seed is one point of the sweep runner: --executor, --resume
     workers: int = 3
     torch_threads: int = 1
 
@@ -272,10 +277,24 @@ def _one_seed(
     return out
 
 
-def _run_points(config: Config, points: list[tuple[int, tuple, bool]]) -> list[dict[str, Any]]:
-    """``_one_seed`` for each (seed, settings, reliance) point, in ``config.workers`` spawned processes."""
-    return run_calls(_one_seed, [(config, *p) for p in points], workers=config.workers,
-                     threads=config.torch_threads, desc="m3id-long seeds")
+def seed_point(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Sweep point of m3id-long: :func:`_one_seed` of ``seed`` with the point's ``settings`` and
+    ``reliance``; ``config`` holds them and every field of :class:`Config` but ``seeds`` and ``workers``
+    (JSON: tuples as lists, the scene as a dict)."""
+    cfg = tuples(config)
+    settings, reliance = cfg.pop("settings"), cfg.pop("reliance")
+    cfg["scene"] = SceneSpec(**cfg["scene"])
+    return _one_seed(Config(**cfg), seed, settings, reliance)
+
+
+def _run_points(config: Config, points: list[tuple[int, tuple, bool]], out: Path) -> list[dict[str, Any]]:
+    """``_one_seed`` for each (seed, settings, reliance) point on the sweep runner (see
+    :func:`layerwise.experiments.m3id.seed_sweep`: ``config.workers`` processes unless an executor is
+    chosen)."""
+    common = point_config(config)
+    pts = [Point({**common, "settings": settings, "reliance": reliance}, seed)
+           for seed, settings, reliance in points]
+    return seed_sweep("m3id-long", seed_point, pts, config, out)
 
 
 def _paired(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -375,13 +394,13 @@ def run(config: Config, out: Path) -> dict[str, Any]:
             for lam in config.grid_lambdas
             for a in config.grid_alphas
         )
-        validation = _run_points(replace(config, workers=1), [(config.validation_seed, grid, False)])[0]
+        validation = _run_points(replace(config, workers=1), [(config.validation_seed, grid, False)], out)[0]
         chosen = select_setting(validation["rows"], config.max_cover_drop)
     settings = (
         ("m3id_default", config.default_lambda, config.default_alpha),
         ("m3id_chosen", chosen[0], chosen[1]),
     )
-    results = _run_points(config, [(seed, settings, True) for seed in config.seeds])
+    results = _run_points(config, [(seed, settings, True) for seed in config.seeds], out)
     rows = [r for res in results for r in res["rows"]]
     curves = [res["reliance"] for res in results]
     agg = _aggregate(rows, METRICS)

@@ -4,6 +4,7 @@ Command::
 
     layerwise reproduce phase-transition --scale quick --out results   # ~30 s on 2 cores (39 CPU-s)
     layerwise reproduce phase-transition --scale full --out results    # L = 3..9, ~20 min
+    layerwise reproduce phase-transition --scale full --executor process --resume   # points: noise levels
 
 For an RHM with ``v = n_c = 32, m = 8, s = 2`` and depths ``L``, data ``x0`` are noised with the eps-process
 (leaf evidence ``(1 - eps) δ_{x0} + eps / v``) and ``x̂0`` is drawn from the exact posterior by belief
@@ -30,20 +31,18 @@ with ≈ 0.67.
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .._io import save_figure, write_csv, write_json
 from ..hierarchy import RHM
 from ..hierarchy import theory as mf
-from ..hierarchy.forward_backward import BPDenoiser, forward_backward
 from ..hierarchy.observables import crossing_point
 from ._base import EXPERIMENTS, Experiment, grid
+from ._bp_levels import measure_curves
 from .claims import SYSTEMS, Claim, Table, verdict_from, verdict_within
 
 __all__ = ["Config", "run"]
@@ -64,20 +63,28 @@ class Config:
     process_levels: tuple[float, ...] = grid(0.0, 0.95, 0.05)
     processes: tuple[str, ...] = ("uniform", "mask")
     float32: bool = False  # BP messages in float32 (faster; adequate for sampling)
+    threads: int = 2  # torch threads of each sweep point (the last bits of BP's sums may depend on it)
     # BP against brute-force enumeration of every datum, (v, n_c, m, s, L), all three processes
     bp_check_instances: tuple[tuple[int, int, int, int, int], ...] = ((4, 4, 2, 2, 3), (3, 2, 2, 3, 2))
     rules_seed: int = 0
     seed: int = 1
 
 
-def _measure(rhm: RHM, process: str, levels: tuple[float, ...], cfg: Config, seed: int,
-             executor: Executor | None) -> list[dict[str, Any]]:
-    data = rhm.sample(cfg.n_data, seed=seed)
-    den = BPDenoiser(rhm, dtype=torch.float32 if cfg.float32 else torch.float64)
-    res = forward_backward(data, process, levels, 1, den, seed=seed + 1, keep_trajectories=False,
-                           executor=executor)
-    return [{"level": r.level, "class_kept": r.class_kept, "class_kept_se": r.class_kept_se,
-             "level_kept": r.level_kept.tolist()} for r in res.levels]
+def _curves(config: Config, out: Path) -> tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]]]:
+    """P(kept) curves of the eps-process at every depth, and of each process at ``process_depth``: one sweep
+    point per (process, depth, noise level) (:mod:`._bp_levels`), so ``--executor`` and ``--resume`` apply."""
+    def spec(L: int, process: str) -> dict[str, Any]:
+        return {"v": config.v, "n_c": config.n_c, "m": config.m, "s": config.s, "L": L,
+                "rules_seed": config.rules_seed, "process": process, "n_data": config.n_data, "n_traj": 1,
+                "float32": config.float32, "threads": config.threads}
+
+    depth_curves = [(spec(L, "eps"), config.eps_levels, config.seed + 100 * L) for L in config.depths]
+    names = ("eps", *config.processes)
+    process_curves = [(spec(config.process_depth, name), config.process_levels, config.seed + 7)
+                      for name in names]
+    rows = [[{k: r[k] for k in ("level", "class_kept", "class_kept_se", "level_kept")} for r in curve]
+            for curve in measure_curves("phase-transition", depth_curves + process_curves, out)]
+    return rows[:len(depth_curves)], rows[len(depth_curves):]
 
 
 def _crossings(levels: list[float], kept: list[float], p_star: float) -> dict[str, float]:
@@ -89,7 +96,7 @@ def _crossings(levels: list[float], kept: list[float], p_star: float) -> dict[st
     }
 
 
-def run(config: Config, out: Path, executor: Executor | None = None) -> dict[str, Any]:
+def run(config: Config, out: Path) -> dict[str, Any]:
     """Run the study into ``out``; returns the key numbers (thresholds next to the mean-field eps*)."""
     v, m, s = config.v, config.m, config.s
     eps_star = mf.critical_noise(v, m, s)
@@ -97,12 +104,11 @@ def run(config: Config, out: Path, executor: Executor | None = None) -> dict[str
     theory = {"eps_star": eps_star, "p_star": p_star, "nu": mf.correlation_exponent(v, m, s),
               "F_prime_at_p_star": float(mf.mean_field_slope(p_star, v, m, s))}
     results: dict[str, Any] = {"config": config, "theory": theory}
+    depth_rows, process_rows = _curves(config, out)
     # ---- eps-process, several depths
     curves: dict[int, list[dict[str, Any]]] = {}
     per_depth = {}
-    for L in tqdm(config.depths, desc="phase-transition: depths", unit="L"):
-        rhm = RHM(v, config.n_c, m, s, L, seed=config.rules_seed)
-        rows = _measure(rhm, "eps", config.eps_levels, config, config.seed + 100 * L, executor)
+    for L, rows in zip(config.depths, depth_rows, strict=True):
         mean_field = mf.level_curves(torch.tensor(config.eps_levels), v, m, s, L)[:, 0].tolist()
         for row, p0 in zip(rows, mean_field, strict=True):
             row["mean_field"] = p0
@@ -113,10 +119,8 @@ def run(config: Config, out: Path, executor: Executor | None = None) -> dict[str
     results["eps_process"] = {"curves": {str(L): c for L, c in curves.items()},
                               "thresholds": {str(L): t for L, t in per_depth.items()}}
     # ---- uniform resampling and masking at one depth
-    rhm = RHM(v, config.n_c, m, s, config.process_depth, seed=config.rules_seed)
     procs: dict[str, Any] = {}
-    for name in tqdm(("eps", *config.processes), desc="phase-transition: processes", unit="process"):
-        rows = _measure(rhm, name, config.process_levels, config, config.seed + 7, executor)
+    for name, rows in zip(("eps", *config.processes), process_rows, strict=True):
         kept = [r["class_kept"] for r in rows]
         procs[name] = {"curve": rows, **_crossings(list(config.process_levels), kept, p_star)}
     results["processes"] = {"depth": config.process_depth, **procs}

@@ -3,6 +3,7 @@
 Command::
 
     layerwise reproduce rhm-stats --scale quick --out results    # ~10 s on a 2-core laptop
+    layerwise reproduce rhm-stats --scale full --out results --executor process --resume
 
 1. For small instances, enumerate all ``P_max = n_c m**((s**L - 1)/(s - 1))`` data and check that they are
    pairwise distinct (the grammar is unambiguous) and that the class-conditional frequencies of the first
@@ -10,7 +11,8 @@ Command::
 2. For a grid of ``(v, m, L)`` (s = 2, n_c = v), compute exactly the relative fluctuation ``sigma`` of the
    class-conditional tuple frequencies (see :func:`layerwise.hierarchy.statistics.relative_fluctuation`),
    averaged over rule draws, against the PRX prediction ``sqrt(v / m**L)`` (Cagnetta et al., PRX 2024,
-   Sec. on correlations; the balance with sampling noise gives ``P* ~ n_c m**L``).
+   Sec. on correlations; the balance with sampling noise gives ``P* ~ n_c m**L``). Each ``(v, m, L)`` is
+   one point of the sweep runner (:mod:`layerwise.sweep`), so ``--executor`` and ``--resume`` apply.
 
 What to expect: ``sigma`` decays by a factor ``sqrt(m)`` per level, i.e. the fitted exponent of ``sigma``
 against ``m**L`` is -1/2. In our level convention (the tuple's parent sits at level ``L - 1``) the prefactor
@@ -26,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .._io import save_figure, write_csv, write_json
 from ..hierarchy.rhm import RHM
@@ -36,6 +37,7 @@ from ..hierarchy.statistics import (
     relative_fluctuation,
     tuple_class_frequencies,
 )
+from ..sweep import Point, current_options, run_sweep
 from ._base import EXPERIMENTS, Experiment
 from .claims import SYSTEMS, Claim, Table, format_mean_std, mean_std, verdict_from, verdict_within
 
@@ -75,14 +77,23 @@ def _enumeration_check(instance: tuple[int, ...], seed: int) -> dict:
     }
 
 
-def _fluctuation_rows(config: Config) -> list[dict]:
+def fluctuation_point(config: dict, seed: int) -> dict:
+    """One sweep point: the exact relative fluctuation sigma of the RHM ``(v, n_c = v, m, s = 2, L)`` for the
+    rule draws ``seed, seed + 1, ..., seed + n_seeds - 1``."""
+    v, m, L = config["v"], config["m"], config["L"]
+    return {"sigmas": [relative_fluctuation(ancestor_distributions(RHM(v, v, m, 2, L, seed=seed + k))[-1])
+                       for k in range(config["n_seeds"])]}
+
+
+def _fluctuation_rows(config: Config, out: Path) -> list[dict]:
     grid = [(v, m, L) for v in config.vs for m in config.ms for L in config.Ls if m * v <= v**2 and m <= v]
+    points = [Point({"v": v, "m": m, "L": L, "n_seeds": config.n_seeds}, config.seed) for v, m, L in grid]
+    opts = current_options()
+    folder = opts.folder_for("rhm-stats", out / "points")
+    results = run_sweep(fluctuation_point, points, folder, opts).results()
     rows = []
-    for v, m, L in tqdm(grid, desc="rhm-stats fluctuations", leave=False):
-        sigmas = [
-            relative_fluctuation(ancestor_distributions(RHM(v, v, m, 2, L, seed=config.seed + k))[-1])
-            for k in range(config.n_seeds)
-        ]
+    for (v, m, L), result in zip(grid, results, strict=True):
+        sigmas = result["sigmas"]
         mean = sum(sigmas) / len(sigmas)
         spread = (sum((x - mean) ** 2 for x in sigmas) / max(1, len(sigmas) - 1)) ** 0.5
         prediction = math.sqrt(v / m**L)
@@ -158,7 +169,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def run(config: Config, out: Path) -> dict:
     checks = [_enumeration_check(inst, config.seed) for inst in config.enumerate_instances]
-    rows = _fluctuation_rows(config)
+    rows = _fluctuation_rows(config, out)
     exponent = _fit_exponent(rows)
     write_csv(out / "enumeration.csv", checks)
     write_csv(out / "fluctuations.csv", rows)

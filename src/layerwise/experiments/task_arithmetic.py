@@ -5,6 +5,11 @@ Command::
 
     layerwise reproduce task-arithmetic --scale quick --out results   # ~30-40 s on 2 idle cores
 
+Each (arch, seed) is one point of the sweep runner (:mod:`layerwise.sweep`): ``--executor process|dask|slurm``
+runs the seeds in parallel (each worker pre-trains and fine-tunes for itself) and ``--resume`` reuses
+finished seeds; in one process (the default) the pre-trained model and the fine-tunes are cached and shared
+with ``lines``. The numbers do not depend on the executor.
+
 Set-up (CPU analogue of CLIP + 8 vision tasks): a small ViT is pre-trained on upright sklearn digits
 (affine jitter); each downstream task (digits rotated/inverted/..., procedural stripes/checkerboards; see
 :mod:`layerwise.tangent.toy_tasks`) gets a frozen cosine head whose prototypes are the class means of the
@@ -37,10 +42,21 @@ from pathlib import Path
 import torch
 
 from .._io import save_figure, write_csv, write_json
+from ..sweep import Point, current_options, run_sweep
 from ..tangent.disentanglement import disentanglement_error
 from ..tangent.evaluation import ADDITION_GRID, search_addition, search_negation
 from ._base import EXPERIMENTS, Experiment, grid
-from ._editing_world import CONTROL, PAIRED_RULE, get_world, mean, one_thread, paired_verdict, world_spec
+from ._editing_world import (
+    CONTROL,
+    PAIRED_RULE,
+    config_from_point,
+    get_world,
+    mean,
+    one_thread,
+    paired_verdict,
+    point_config,
+    world_spec,
+)
 from .claims import Claim, Table, mean_std
 
 # modes: (task vectors from, evaluated linearized?)
@@ -74,7 +90,8 @@ def _seed_results(config: Config, arch: str, seed: int) -> dict:
     w = get_world(world_spec(config, arch, seed))
     tasks = list(config.tasks)
     out: dict = {"arch": arch, "seed": seed}
-    zs = {t: {s: w.acc_deltas(None, t, s) for s in ("val", "test")} for t in [*tasks, CONTROL]}
+    zs_split = {s: w.acc_deltas_many(None, [*tasks, CONTROL], s) for s in ("val", "test")}
+    zs = {t: {s: zs_split[s][t] for s in zs_split} for t in [*tasks, CONTROL]}
     out["zeroshot_test"] = mean([zs[t]["test"] for t in tasks])
     out["control_zeroshot_test"] = zs[CONTROL]["test"]
     for mode, (vecs, linear) in MODES.items():
@@ -83,7 +100,7 @@ def _seed_results(config: Config, arch: str, seed: int) -> dict:
         out[f"{mode}_zeroshot_normalized_test"] = mean([zs[t]["test"] / ft[t]["test"] for t in tasks])
 
         def evaluate(alpha, split="val", vecs=vecs, linear=linear):
-            return {t: w.acc_combo([(vecs, s, alpha) for s in tasks], t, split, linear) for t in tasks}
+            return w.acc_combo_many([(vecs, s, alpha) for s in tasks], tasks, split, linear)
 
         add = search_addition(evaluate, {t: ft[t]["val"] for t in tasks}, ADDITION_GRID)
         test = evaluate(add.best, "test")
@@ -94,8 +111,8 @@ def _seed_results(config: Config, arch: str, seed: int) -> dict:
         for t in tasks:
 
             def neg(alpha, split="val", t=t, vecs=vecs, linear=linear):
-                combo = [(vecs, t, -alpha)]
-                return w.acc_combo(combo, t, split, linear), w.acc_combo(combo, CONTROL, split, linear)
+                accs = w.acc_combo_many([(vecs, t, -alpha)], (t, CONTROL), split, linear)
+                return accs[t], accs[CONTROL]
 
             r = search_negation(neg, zs[CONTROL]["val"], ADDITION_GRID)
             tgt, ctl = neg(r.best, "test")
@@ -183,9 +200,23 @@ def _verdict_line(verdict: str, diff: float, sem: float, n: int) -> str:
     return f"difference {diff:+.3f} +- {sem:.3f} (s.e., {n} seeds)"
 
 
-def run(config: Config, out: Path) -> dict:
+def seed_point(config: dict, seed: int) -> dict:
+    """One sweep point: every measurement of one (arch, seed), JSON-able (``xi`` grids as lists).
+
+    Module-level so that spawned, Dask or SLURM workers import it; in one process the pre-trained model and
+    the fine-tunes are cached and shared with ``lines`` (:mod:`._editing_world`)."""
     with one_thread():
-        rows = [_seed_results(config, arch, seed) for arch in config.archs for seed in config.seeds]
+        r = _seed_results(config_from_point(Config, config), config["arch"], seed)
+    return {**r, "xi": {m: v.tolist() for m, v in r["xi"].items()}}
+
+
+def run(config: Config, out: Path) -> dict:
+    points = [Point(point_config(config, arch=a), s) for a in config.archs for s in config.seeds]
+    opts = current_options()
+    sweep = run_sweep(seed_point, points, opts.folder_for("task-arithmetic", out / "points"), opts)
+    rows = sweep.results()  # in the order of the points; raises with every failed point's traceback
+    for r in rows:
+        r["xi"] = {m: torch.tensor(v, dtype=torch.float64) for m, v in r["xi"].items()}
     table_rows, flat = [], []
     for r in rows:
         flat.append({k: v for k, v in r.items() if k != "xi"})

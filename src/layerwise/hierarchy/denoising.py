@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from .._device import resolve_device
 from .._resources import check_memory
 from .._validation import check_float, check_int, make_generator
 from ..errors import InputDataError, ParameterError, ParameterTypeError
-from ._device import resolve_device
 from .bp import _n_message_values, bp_memory, marginals_and_sample
 from .datafile import dataset_arrays, read_arrays, write_arrays
 from .noise import NoiseProcess, make_noise_process

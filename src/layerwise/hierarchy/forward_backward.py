@@ -24,9 +24,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .._device import resolve_device
 from .._validation import check_float, check_int, make_generator
 from ..errors import ParameterError, ParameterTypeError
-from ._device import resolve_device
 from .bp import sample_posterior
 from .noise import NoiseProcess, make_noise_process
 from .observables import ChangeStatistics, token_changes

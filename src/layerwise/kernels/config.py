@@ -9,9 +9,10 @@ A configuration is a mapping (YAML)::
     n_test: 512
     seeds: [0, 1, 2, 3]
     ridge: 0.0                                   # optional
-    device: cpu                                  # optional
+    device: cpu                                  # optional (cpu, cuda, cuda:N, mps; CLI --device wins)
     max_hours: 24                                # optional: refuse runs estimated (after the first seed)
                                                  # to take longer (default 24)
+    max_seeds: 10000                             # optional: refuse more seeds than this (default 10000)
 
 Errors name the offending key (``ConfigError``).
 """
@@ -22,14 +23,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .._device import resolve_device
 from ..errors import ConfigError, LayerwiseError
-from .curves import LearningCurve, fit_exponent
+from .curves import MAX_SEEDS, LearningCurve, fit_exponent
 from .data import hypercube, patch_spheres, sphere
 from .spec import make_kernel
 
 __all__ = ["parse_curve_config", "save_curves"]
 
-_KEYS = {"input", "teachers", "students", "P", "n_test", "seeds", "ridge", "device", "max_hours"}
+_KEYS = {"input", "teachers", "students", "P", "n_test", "seeds", "ridge", "device", "max_hours",
+         "max_seeds"}
 DEFAULT_MAX_HOURS = 24.0
 _REQUIRED = ("input", "teachers", "students", "P", "n_test", "seeds")
 
@@ -89,9 +92,18 @@ def parse_curve_config(cfg: Any) -> dict[str, Any]:
     if isinstance(max_hours, bool) or not isinstance(max_hours, (int, float)) or not max_hours > 0 \
             or max_hours == float("inf"):
         raise ConfigError(f"config key 'max_hours' must be a finite number > 0, got {max_hours!r}")
+    try:
+        device = cfg.get("device")
+        device = None if device is None else resolve_device(device, name="config key 'device'")
+    except LayerwiseError as err:
+        raise ConfigError(str(err)) from err
+    max_seeds = cfg.get("max_seeds", MAX_SEEDS)
+    if isinstance(max_seeds, bool) or not isinstance(max_seeds, int) or max_seeds < 1:
+        raise ConfigError(f"config key 'max_seeds' must be an integer >= 1, got {max_seeds!r}")
     return {"teacher": _kernels(cfg, "teachers"), "student": _kernels(cfg, "students"), "P_list": cfg["P"],
             "n_test": cfg["n_test"], "seeds": cfg["seeds"], "sampler": _sampler(cfg["input"]),
-            "ridge": float(ridge), "device": cfg.get("device"), "max_seconds": 3600.0 * float(max_hours)}
+            "ridge": float(ridge), "device": device, "max_seconds": 3600.0 * float(max_hours),
+            "max_seeds": max_seeds}
 
 
 def save_curves(curves: Mapping[tuple[str, str], LearningCurve], out: Path) -> list[dict[str, Any]]:

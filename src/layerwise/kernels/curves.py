@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .._device import resolve_device
 from .._resources import check_memory
 from ..errors import ParameterError, ParameterTypeError, ResourceError
 from ._checks import as_data, check_float, check_int
@@ -197,6 +198,20 @@ def kernel_spectrum(kernel: Kernel, X: Any) -> torch.Tensor:
     return torch.linalg.eigvalsh(K.to(torch.float64)).flip(0) / K.shape[0]
 
 
+#: Default cap on the number of seeds of one learning curve (a curve's spread needs tens of seeds).
+MAX_SEEDS = 10_000
+
+
+def _check_seed_count(n_seeds: int, n_sizes: int, n_pairs: int, max_seeds: int) -> None:
+    if n_seeds > max_seeds:
+        solves = n_seeds * n_sizes * n_pairs
+        raise ResourceError(f"seeds has {n_seeds} entries, over the cap of {max_seeds}: the curve would run "
+                            f"{solves:.3g} regressions ({n_seeds} seeds x {n_sizes} sizes x {n_pairs} "
+                            f"teacher/student pair(s)) and write as many rows; tens of seeds give the "
+                            "spread of a curve; use fewer seeds or raise the cap (max_seeds; config key "
+                            "max_seeds)")
+
+
 def _check_time(first: float, n_seeds: int, max_seconds: float) -> None:
     estimate = first * n_seeds
     if estimate > max_seconds:
@@ -238,6 +253,7 @@ def learning_curve(
     device: torch.device | str | None = None,
     progress: bool = False,
     max_seconds: float | None = None,
+    max_seeds: int | None = MAX_SEEDS,
 ) -> LearningCurve | dict[tuple[str, str], LearningCurve]:
     """Test MSE of kernel regression of a teacher field by a student kernel, per training size and seed.
 
@@ -258,6 +274,8 @@ def learning_curve(
     progress : show a tqdm progress bar over seeds and pairs.
     max_seconds : refuse (``ResourceError``, with the estimate) when the time of the first seed times the
         number of seeds exceeds this; None: no limit.
+    max_seeds : refuse (``ResourceError``, with the number of regressions) more seeds than this, before
+        any work (default :data:`MAX_SEEDS`); None: no cap.
 
     Returns
     -------
@@ -273,12 +291,13 @@ def learning_curve(
     n_test = check_int("n_test", n_test, low=1)
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
         raise ParameterTypeError(f"seeds must be a non-empty sequence of ints, got {seeds!r}")
+    if max_seeds is not None:
+        _check_seed_count(len(seeds), len(P), len(teachers) * len(students),
+                          check_int("max_seeds", max_seeds, low=1))
     seeds = tuple(check_int(f"seeds[{i}]", s, low=0) for i, s in enumerate(seeds))
     ridge = check_float("ridge", ridge, low=0.0)
     if not callable(sampler):
         raise ParameterTypeError(f"sampler must be a callable sampler(n, generator), got {sampler!r}")
-    from ..hierarchy._device import resolve_device
-
     device = resolve_device(device)
     if max_seconds is not None:
         max_seconds = check_float("max_seconds", max_seconds, low=0.0, low_open=True)

@@ -52,9 +52,10 @@ from typing import Any
 import torch
 import yaml
 
+from .._device import resolve_device
 from .._io import atomic_directory, read_yaml, write_json
 from ..editing.checkpoints import save_checkpoint
-from ..errors import ConfigError, LayerwiseError
+from ..errors import ConfigError, LayerwiseError, ParameterError
 from .finetune import FinetuneConfig, finetune, predict
 from .linearize import LinearizedModel
 
@@ -145,17 +146,10 @@ def parse_finetune_job(raw: Any, base_dir: str | os.PathLike = ".") -> FinetuneJ
         v = model.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise _err(f"model.{key}", f"must be a non-negative integer, got {v!r}")
-    device = model.get("device", "cpu")
-    try:
-        device_type = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise _err(
-            "model.device", f"must be a torch device such as 'cpu' or 'cuda', got {device!r}"
-        ) from None
-    if device_type not in ("cpu", "cuda", "mps"):  # meta holds no data: training on it cannot work
-        raise _err("model.device", f"must be a device that holds data (cpu, cuda, mps), got {device!r}")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise _err("model.device", f"{device!r} requested but CUDA is not available in this torch build")
+    try:  # the central device check: meta (no data), CUDA/MPS not available, an index out of range...
+        device = str(resolve_device(model.get("device", "cpu"), name="model.device"))
+    except ParameterError as err:
+        raise ConfigError(str(err)) from None
     local = model.get("local_files_only", False)
     if not isinstance(local, bool):
         raise _err("model.local_files_only", f"must be true or false, got {local!r}")

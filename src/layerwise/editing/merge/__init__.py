@@ -3,8 +3,8 @@
 
 >>> from layerwise.editing.merge import MERGE_METHODS
 >>> sorted(MERGE_METHODS.names())  # doctest: +NORMALIZE_WHITESPACE
-['average', 'breadcrumbs', 'consensus', 'dare', 'della', 'magnitude_prune', 'model_stock', 'slerp',
- 'tall_masks', 'task_arithmetic', 'ties']
+['average', 'breadcrumbs', 'consensus', 'dare', 'della', 'karcher', 'magnitude_prune', 'model_stock',
+ 'multislerp', 'nearswap', 'passthrough', 'sce', 'slerp', 'tall_masks', 'task_arithmetic', 'ties']
 """
 
 from .registry import MERGE_METHODS, REQUIRED, MergeMethod, Param, register_merge_method
@@ -12,7 +12,17 @@ from .registry import MERGE_METHODS, REQUIRED, MergeMethod, Param, register_merg
 # Importing a method module registers it.
 from . import average, consensus, dare, magnitude, task_arithmetic, ties  # noqa: E402,F401  isort: skip
 from . import breadcrumbs, della, model_stock, slerp  # noqa: E402,F401  isort: skip
+from . import karcher, multislerp, nearswap, passthrough, sce  # noqa: E402,F401  isort: skip
+from .data_dependent import DATA_MERGE_METHODS, merge_with_statistics  # noqa: E402
 from .plan import DTYPE_CHOICES, LinesSpec, MergePlan, plan_merge  # noqa: E402
+from .slices import OutputSlice, SlicedPlan, SliceSource, plan_slices  # noqa: E402
+from .statistics import (  # noqa: E402
+    Statistics,
+    collect_fisher,
+    collect_regmean_stats,
+    load_statistics,
+    save_statistics,
+)
 from .stream import MergeResult, uniform_draws  # noqa: E402
 from .topk import TwoPassThreshold, kth_largest_abs, topk_count  # noqa: E402
 from .write import execute_plan, merge_models  # noqa: E402
@@ -27,6 +37,10 @@ __all__ = [
     "LinesSpec",
     "MergePlan",
     "MergeResult",
+    "OutputSlice",
+    "SlicedPlan",
+    "SliceSource",
+    "plan_slices",
     "execute_plan",
     "merge_models",
     "plan_merge",
@@ -34,4 +48,11 @@ __all__ = [
     "TwoPassThreshold",
     "kth_largest_abs",
     "topk_count",
+    "DATA_MERGE_METHODS",
+    "merge_with_statistics",
+    "Statistics",
+    "collect_fisher",
+    "collect_regmean_stats",
+    "load_statistics",
+    "save_statistics",
 ]

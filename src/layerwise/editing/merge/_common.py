@@ -6,7 +6,20 @@ import torch
 
 from .registry import Param
 
-__all__ = ["WEIGHT", "DENSITY", "TOPK", "combine", "disjoint_mean", "keep_topk", "weighted_sum"]
+__all__ = [
+    "WEIGHT",
+    "DENSITY",
+    "TOPK",
+    "LAMBDA",
+    "RESCALE",
+    "RESCALE_MODE",
+    "combine",
+    "disjoint_mean",
+    "elect_sign",
+    "keep_topk",
+    "l1_rescale_factors",
+    "weighted_sum",
+]
 
 WEIGHT = Param("weight", 1.0, per_model=True, doc="coefficient of this model's task vector")
 DENSITY = Param(
@@ -17,6 +30,19 @@ DENSITY = Param(
     per_model=True,
     doc="fraction of entries kept: the max(1, int(density * n)) largest magnitudes",
 )
+LAMBDA = Param(
+    "lambda",
+    1.0,
+    doc="multiplies the merged task vector (mergekit's lambda; on top of scale)",
+)
+RESCALE = Param("rescale", True, choices=(True, False), doc="rescale the entries kept by the random drop")
+RESCALE_MODE = Param(
+    "rescale_mode",
+    "l1",
+    choices=("l1", "probability"),
+    doc="l1: multiply each tensor's kept entries by ||delta||_1 / ||kept||_1 (mergekit); probability: "
+    "divide each kept entry by its keep probability (the papers' unbiased form)",
+)
 TOPK = Param(
     "topk",
     "tensor",
@@ -25,22 +51,39 @@ TOPK = Param(
 )
 
 
+def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES step 2 on weighted task vectors (T, n): ``+1`` where ``sum_t weighted_t >= 0``, else ``-1`` (n,).
+
+    An entry whose sum is exactly 0 elects ``+`` (mergekit's convention), so its positive contributions
+    are kept.
+    """
+    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+
+
 def disjoint_mean(deltas: torch.Tensor, weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """TIES steps 2-3: elect the sign of ``sum_t w_t delta_t``, average the contributions that agree with it.
 
     ``deltas``: (T, n), already trimmed (dropped entries are 0); ``weight``: (T,). Returns (n,):
-    ``sum_t w_t delta_t a_t / sum_t w_t a_t`` with ``a_t = 1[sign(w_t delta_t) = s]`` (0 where nothing
-    agrees); without ``normalize`` the sum is not divided. Zeros never agree. With positive weights this is
-    the paper's disjoint mean; signs of weighted deltas follow mergekit for negative weights.
+    ``sum_t w_t delta_t a_t / sum_t w_t a_t`` with ``a_t = 1[sign(w_t delta_t) = s]`` and ``s`` from
+    :func:`elect_sign` (a sum of exactly 0 elects ``+``); a divisor of exactly 0 is replaced by 1, as
+    mergekit does. Without ``normalize`` the sum is not divided. Zeros never agree. With positive weights
+    this is the paper's disjoint mean; signs of weighted deltas follow mergekit for negative weights.
     """
     weighted = deltas * weight[:, None]  # (T, n)
-    elected = torch.sign(weighted.sum(dim=0))  # (n,)
+    elected = elect_sign(weighted)  # (n,)
     agree = (weighted * elected) > 0  # (T, n): same nonzero sign as the elected one
     total = torch.where(agree, weighted, 0).sum(dim=0)  # (n,)
     if not normalize:
         return total
     divisor = weight @ agree.to(weight.dtype)  # (n,)
-    return total / torch.where(divisor.abs() < 1e-12, torch.ones_like(divisor), divisor)
+    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def l1_rescale_factors(l1_before: torch.Tensor, l1_after: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Per-model factors ``||delta_t||_1 / ||kept_t||_1`` (T,) over a whole tensor; 1 where either norm is
+    below ``eps`` (mergekit's ``rescaled_masked_tensor`` with the L1 norm)."""
+    ok = (l1_before >= eps) & (l1_after >= eps)
+    return torch.where(ok, l1_before / torch.where(ok, l1_after, 1.0), 1.0)
 
 
 def keep_topk(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

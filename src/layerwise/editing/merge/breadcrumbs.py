@@ -7,18 +7,21 @@ with ``n`` elements, ``n_top = int(gamma n)`` and ``n_keep = int(density n)`` (i
 ``n_top`` shrinks), an entry is kept iff its magnitude rank (1 = largest) is in
 ``(n_top, n_top + n_keep]``; ``density >= 1`` keeps the task vector whole. The masked vectors are then
 summed with their weights (``combine: sum``) or merged by TIES' sign election (``combine: ties``, mergekit's
-``breadcrumbs_ties``); ``normalize`` divides by the (agreeing) weights.
+``breadcrumbs_ties``); ``normalize`` divides by the (agreeing) weights; ``lambda`` multiplies the result.
 
 The ranks come from two exact magnitude thresholds per task vector computed by the driver
-(``inputs=("thresholds",)`` with two ranks), so tensors of any size stream in chunks. Unlike mergekit 0.1.5,
-``n_top = 0`` (small tensors, ``gamma n < 1``) drops no outlier instead of emptying the mask.
+(``inputs=("thresholds",)`` with two ranks), so tensors of any size stream in chunks. ``n_top = 0`` (small
+tensors, ``gamma n < 1``) drops no outlier (as mergekit 0.1.5 does; earlier mergekit releases emptied the
+mask).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ._common import WEIGHT
+from ._common import LAMBDA, WEIGHT
 from ._common import combine as _combine
 from .registry import Param, register_merge_method
 
@@ -42,6 +45,7 @@ def breadcrumbs_ranks(values, n: int) -> list[int]:
         Param("gamma", 0.01, low=0.0, high=1.0, per_model=True, doc="fraction of largest entries dropped"),
         Param("combine", "sum", choices=("sum", "ties"), doc="weighted sum, or TIES sign election"),
         Param("normalize", False, choices=(True, False), doc="divide by the (agreeing) weights"),
+        LAMBDA,
     ],
     inputs=("thresholds",),
     ranks=breadcrumbs_ranks,
@@ -57,9 +61,11 @@ def breadcrumbs(
     combine: str,
     normalize: bool,
     thresholds: torch.Tensor,
+    **kw: Any,
 ) -> torch.Tensor:
     """``deltas`` (T, n), ``thresholds`` (T, 2): ``[n_top-th, (n_top + n_keep)-th]`` largest magnitudes."""
     mag = deltas.abs().float()
     keep = (mag < thresholds[:, :1].float()) & (mag >= thresholds[:, 1:].float())  # (T, n)
     kept = torch.where(keep, deltas, 0)
-    return _combine(kept, weight, combine, normalize)
+    merged = _combine(kept, weight, combine, normalize)
+    return merged if kw["lambda"] == 1 else kw["lambda"] * merged

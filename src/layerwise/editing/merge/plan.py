@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,7 +62,6 @@ class LinesSpec:
             raise ParameterTypeError(
                 f"lines.pattern must be a regular expression string, got {self.pattern!r}"
             )
-
 
 
 def _check_representable(plan: MergePlan) -> None:
@@ -114,6 +114,8 @@ class MergePlan:
     tokenizer_source: str | None = None
     aligned_vocabulary: list[str] = field(default_factory=list)
     lora_models: list[str] = field(default_factory=list)
+    union_vocabulary: Any = None  # tokenizer_source "union": output tokenizer and row maps (..vocab_union)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where chunks are merged
 
     def key_params(self, key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """``(params, model_params)`` for tensor ``key``: per-layer gradients and filters evaluated."""
@@ -155,7 +157,13 @@ class MergePlan:
         lines.append(f"parameters: {self.params}  scale: {self.scale}  seed: {self.seed}")
         for name, data in self.schedule_data().items():
             lines.append(f"per-tensor {name}: {data} (first value shown above)")
-        if self.aligned_vocabulary:
+        if self.union_vocabulary is not None:
+            u = self.union_vocabulary
+            lines.append(
+                f"union vocabulary: {u.size} tokens (base {u.sizes[0]}, models {u.sizes[1:]}); rows found "
+                f"by token in {self.aligned_vocabulary}"
+            )
+        elif self.aligned_vocabulary:
             lines.append(f"vocabulary rows aligned to the base's: {self.aligned_vocabulary}")
         lines.append(
             f"tensors: {len(keys)} ({len(self.float_keys)} merged, {len(keys) - len(self.float_keys)} "
@@ -178,6 +186,32 @@ class MergePlan:
         return "\n".join(lines)
 
 
+def merge_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``: None = CPU, ``"auto"`` = CUDA when available; a device this machine
+    lacks raises :class:`~layerwise.errors.ParameterError` naming ``device``."""
+    from ...hierarchy._device import resolve_device  # -> layerwise._device once it exists
+
+    if isinstance(device, str) and device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device)
+
+
+def _union(base: Any, models: Sequence[Any], lora: list[int], base_ck: Checkpoint, opened: list[Any]):
+    """``tokenizer_source: union``: base and models on the union vocabulary (:mod:`..vocab_union`)."""
+    from ..vocab_union import union_checkpoints
+
+    def folder(x: Any, what: str) -> Path:
+        if not isinstance(x, (str, os.PathLike)) or not Path(x).is_dir():
+            raise ParameterError(
+                f"tokenizer_source union needs model folders holding tokenizers; {what} is {x!r}"
+            )
+        return Path(x)
+
+    folders = [folder(base, "base_model")]
+    folders += [None if i in lora else folder(m, f"models[{i}]") for i, m in enumerate(models)]
+    return union_checkpoints(base_ck, opened, folders)
+
+
 def plan_merge(
     method: str,
     models: Sequence[Any],
@@ -193,6 +227,8 @@ def plan_merge(
     chunk_elements: int = 1 << 20,
     check_dtypes: bool = True,
     tokenizer_source: str | None = None,
+    block_layout: Any = None,
+    device: str | torch.device | None = None,
 ) -> MergePlan:
     """Open the checkpoints, check they match, validate parameters; read no tensor data.
 
@@ -212,7 +248,15 @@ def plan_merge(
     max_shard_bytes : shard size of the output (int or ``"2GB"``).
     chunk_elements : largest number of elements per tensor held at once per model.
     tokenizer_source : ``"base"``: models whose embedding rows differ from the base's (added tokens) are
-        truncated/padded to the base's rows with a warning (:mod:`..vocab`); None: such models are refused.
+        truncated/padded to the base's rows with a warning (:mod:`..vocab`); ``"union"``: the output
+        vocabulary is the union of the tokenizers, every model's embedding/output rows looked up by token
+        string (:mod:`..vocab_union`; model folders with tokenizers, extra ``hf``); None: such models are
+        refused.
+    device : where the chunks are merged (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"auto"`` = CUDA when
+        available); None: CPU. Tensors are read and written on the CPU; results equal the CPU's up to
+        floating-point rounding of the device's kernels.
+    block_layout : the :class:`~layerwise.editing.lines.BlockLayout` that per-layer gradients follow; None
+        discovers it from the keys (slices pass the layout of the slice, :mod:`.slices`).
     """
     if not isinstance(method, str):
         raise ParameterTypeError(f"method must be a name in {sorted(MERGE_METHODS.names())}, got {method!r}")
@@ -241,10 +285,15 @@ def plan_merge(
     for i in lora:
         opened[i] = LoraCheckpoint(base_ck, models[i])
     aligned: list[str] = []
+    union = None
     if tokenizer_source == "base":
         opened, aligned = align_vocabulary(opened, base_ck)
+    elif tokenizer_source == "union":
+        base_ck, opened, union, aligned = _union(
+            base if base is not None else models[0], models, lora, base_ck, opened
+        )
     elif tokenizer_source is not None:
-        raise ParameterError(f"tokenizer_source must be 'base' or None, got {tokenizer_source!r}")
+        raise ParameterError(f"tokenizer_source must be 'base', 'union' or None, got {tokenizer_source!r}")
     check_compatible([base_ck, *opened], check_dtypes=check_dtypes)
     raw_model_params = [dict(mp) if isinstance(mp, Mapping) else mp for mp in model_params]
     params, model_params, schedules = split_schedules(spec, params, model_params)
@@ -277,9 +326,13 @@ def plan_merge(
         tokenizer_source=tokenizer_source,
         aligned_vocabulary=aligned,
         lora_models=[opened[i].source for i in lora],
+        union_vocabulary=union,
+        device=merge_device(device),
     )
     plan.float_keys = [k for k in base_ck.keys() if base_ck.dtype(k).is_floating_point]
-    if any(s.needs_blocks for s in schedules.values()):
+    if block_layout is not None:
+        plan.schedule_layout = block_layout
+    elif any(s.needs_blocks for s in schedules.values()):
         try:
             plan.schedule_layout = discover_blocks(plan.float_keys, lines.pattern if lines else None)
         except ParameterError as err:

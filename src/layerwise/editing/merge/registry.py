@@ -12,10 +12,15 @@ streaming driver prepares for them:
 - ``"gram"``: ``(T + 1, T + 1)`` float64 Gram matrix of ``[base, delta_1, ..., delta_T]`` over the whole
   tensor (norms and angles for SLERP, Model Stock).
 - ``"base"``: ``(n,)`` the base model's chunk.
+- ``"base_given"``: True when a base model was given (False: the first model stands in as the reference,
+  its task vector is 0).
 
 A method may also declare ``ranks(values, n) -> [k_1, ..., k_K]`` (the thresholds of one model at several
 ranks, ``thresholds`` then ``(T, K)``; default ``[topk_count(density, n)]``, ``thresholds`` ``(T,)``) and
-``rows=True`` (every chunk holds whole rows of the tensor's last dimension; ``row_length`` is passed).
+``rows=True`` (every chunk holds whole rows of the tensor's last dimension; ``row_length`` is passed), and
+``prepare(chunks, params, per_model, numel) -> {name: value}``: per-tensor statistics computed before the
+merge pass (``chunks()`` returns a fresh iterator of ``(deltas (T, n_c), chunk inputs)`` over the tensor,
+so a method may take several passes); the returned values are passed to every chunk's call.
 
 Because every method is element-wise given these inputs, the driver can stream arbitrarily large tensors in
 chunks, and a method written here works unchanged on a 2 GB embedding.
@@ -60,7 +65,7 @@ def _r(value: Any) -> str:
     return _REPR.repr(value)
 
 
-_INPUTS = ("thresholds", "uniform", "gram", "base")
+_INPUTS = ("thresholds", "uniform", "gram", "base", "base_given")
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class MergeMethod:
     validate: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], None] | None = None
     ranks: Callable[[Mapping[str, Any], int], Sequence[int]] | None = None
     rows: bool = False
+    prepare: Callable[..., Mapping[str, Any]] | None = None
     param_index: Mapping[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -204,14 +210,15 @@ def register_merge_method(
     validate: Callable[[Mapping[str, Any], Sequence[Mapping[str, Any]]], None] | None = None,
     ranks: Callable[[Mapping[str, Any], int], Sequence[int]] | None = None,
     rows: bool = False,
+    prepare: Callable[..., Mapping[str, Any]] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn(deltas, **params) -> merged`` as merge method ``name``.
 
     Parameters
     ----------
     params : Param declarations (their names are the function's keyword arguments).
-    inputs : subset of ``("thresholds", "uniform", "gram", "base")`` the driver must prepare (also keyword
-        arguments).
+    inputs : subset of ``("thresholds", "uniform", "gram", "base", "base_given")`` the driver must prepare
+        (also keyword arguments).
     reference : URL of the paper or code the method implements.
     needs_base : False if the method is meaningful without a base model (e.g. averaging).
     validate : optional ``validate(global_values, per_model_values)`` raising
@@ -221,6 +228,9 @@ def register_merge_method(
     ranks : optional ``ranks(one model's per-model values, numel) -> [k_1, ..., k_K]``: the magnitude ranks
         whose thresholds the method receives (``thresholds`` of shape ``(T, K)``).
     rows : the method needs whole rows (last dimension) in each chunk; it receives ``row_length``.
+    prepare : optional ``prepare(chunks, params, per_model, numel) -> dict``: per-tensor statistics from
+        passes over the tensor's chunks before it is merged (see the module docstring); the dict's entries
+        become keyword arguments of ``fn``.
     """
     bad = sorted(set(inputs) - set(_INPUTS))
     if bad:
@@ -246,6 +256,7 @@ def register_merge_method(
                 validate=validate,
                 ranks=ranks,
                 rows=rows,
+                prepare=prepare,
             ),
         )
         return fn

@@ -60,7 +60,8 @@ class MergeResult:
 def _chunks(plan: MergePlan, key: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(start, base (n_c,), deltas (T, n_c))`` over the flattened tensor ``key``, in compute dtype.
 
-    The yielded tensors are buffers reused by the next chunk: consume them before advancing.
+    The yielded tensors are buffers reused by the next chunk: consume them before advancing. With a plan on
+    another device (``plan.device``), chunks are read on the CPU, moved there and subtracted there.
     """
     n = plan.base.numel(key)
     cd = compute_dtype(plan.base.dtype(key))
@@ -74,8 +75,13 @@ def _chunks(plan: MergePlan, key: str) -> Iterator[tuple[int, torch.Tensor, torc
         plan.base.read_into(key, base, start)
         for t, m in enumerate(plan.models):
             m.read_into(key, deltas[t], start)
-        deltas -= base
-        yield start, base, deltas
+        if plan.device.type == "cpu":
+            deltas -= base
+            yield start, base, deltas
+        else:
+            b, d = base.to(plan.device, non_blocking=True), deltas.to(plan.device, non_blocking=True)
+            d -= b
+            yield start, b, d
 
 
 def _row_length(plan: MergePlan, key: str) -> int:
@@ -120,7 +126,7 @@ def _tensor_gram(plan: MergePlan, key: str) -> torch.Tensor:
     """Gram matrix of ``[base, deltas...]`` over the whole tensor ``key``: one streaming pass."""
     total = torch.zeros(len(plan.models) + 1, len(plan.models) + 1, dtype=torch.float64)
     for _, base, deltas in _chunks(plan, key):
-        total += _gram(base, deltas)
+        total += _gram(base, deltas).cpu()
     return total
 
 
@@ -215,21 +221,50 @@ def _merged_chunks(
         gram = _tensor_gram(plan, key)
     if plan.method.rows:
         kwargs["row_length"] = _row_length(plan, key)
-    for start, base, deltas in _chunks(plan, key):
+    if "base_given" in inputs:
+        kwargs["base_given"] = plan.base_given
+
+    def chunk_inputs(start: int, base: torch.Tensor, deltas: torch.Tensor) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
         if "thresholds" in inputs:
-            kwargs["thresholds"] = (
+            extra["thresholds"] = (
                 thr if thr is not None else _chunk_thresholds(plan, deltas, _ranks(plan, per_model, n))
             )
         if "gram" in inputs:
-            kwargs["gram"] = gram if gram is not None else _gram(base, deltas)
+            extra["gram"] = gram if gram is not None else _gram(base, deltas)
         if "base" in inputs:
-            kwargs["base"] = base
-        if "uniform" in plan.method.inputs:
+            extra["base"] = base
+        if "uniform" in inputs:
             stop = start + deltas.shape[1]
-            kwargs["uniform"] = torch.stack(
+            extra["uniform"] = torch.stack(
                 [uniform_draws(plan.seed, key, t, start, stop, n) for t in range(len(plan.models))]
             )  # (T, n_c)
-        yield start, base, deltas, plan.method.fn(deltas, **kwargs)
+        return extra
+
+    def stream() -> Iterator[tuple[int, torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        for start, base, deltas in _chunks(plan, key):
+            yield start, base, deltas, {**kwargs, **chunk_inputs(start, base, deltas)}
+
+    # a tensor of one chunk is read once (its buffers are not reused); larger ones are streamed again
+    held = list(stream()) if whole else None
+    if plan.method.prepare is not None:
+
+        def passes() -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+            return ((d, _on_device(kw, d.device)) for _, _, d, kw in (held if held is not None else stream()))
+
+        kwargs.update(plan.method.prepare(passes, glob, per_model, n))
+        if held is not None:
+            held = [(s, b, d, {**kw, **kwargs}) for s, b, d, kw in held]
+    for start, base, deltas, kw in held if held is not None else stream():
+        yield start, base, deltas, plan.method.fn(deltas, **_on_device(kw, deltas.device))
+
+
+def _on_device(kwargs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The method's keyword arguments with every tensor (weights, thresholds, draws) on ``device``."""
+    return {
+        k: v.to(device) if isinstance(v, torch.Tensor) and v.device != device else v
+        for k, v in kwargs.items()
+    }
 
 
 def _auto_alpha(plan: MergePlan, global_thr: torch.Tensor | None, progress: bool, stash) -> float:
@@ -269,7 +304,11 @@ def _stashed_chunks(
 
 
 def run_passes(plan: MergePlan, sink, stash_dir: Path | None, progress: bool) -> MergeResult:
-    """Thresholds, LiNeS alpha (with a stash), then every tensor into ``sink(key, chunk, start)``."""
+    """Thresholds, LiNeS alpha (with a stash), then every tensor into ``sink(key, chunk, start)``.
+
+    Every chunk handed to ``sink`` is a CPU tensor of its own (never a buffer the stream reuses), so a sink
+    may keep it after returning (the write-behind of :mod:`.write`).
+    """
     from tqdm.auto import tqdm
 
     global_thr = None
@@ -290,7 +329,9 @@ def run_passes(plan: MergePlan, sink, stash_dir: Path | None, progress: bool) ->
             else:
                 stash_dir.mkdir()
                 stash_writer = ShardedSafetensorsWriter(stash_dir, specs, 10**15)
-                plan.lines_alpha = _auto_alpha(plan, global_thr, progress, stash_writer.write)
+                plan.lines_alpha = _auto_alpha(
+                    plan, global_thr, progress, lambda k, c, s: stash_writer.write(k, c.cpu(), s)
+                )
                 stash_writer.close()
                 stash = open_checkpoint(stash_dir)
         scales = lines_scales(plan.lines_layout, plan.lines_alpha, plan.lines_beta)
@@ -305,16 +346,19 @@ def run_passes(plan: MergePlan, sink, stash_dir: Path | None, progress: bool) ->
                 continue
             factor = plan.scale * scales.get(key, 1.0)
             if stash is None:
-                chunks = ((s, b, m) for s, b, _, m in _merged_chunks(plan, key, global_thr))
+                chunks = _merged_chunks(plan, key, global_thr)
             else:
-                chunks = _stashed_chunks(plan, stash, key)
-            for start, base, merged in chunks:
+                chunks = ((s, b, None, m) for s, b, m in _stashed_chunks(plan, stash, key))
+            for start, base, deltas, merged in chunks:
                 if factor != 1.0:
                     merged.mul_(factor)
                 merged.add_(base)
                 chunk = merged.to(dt)
                 _check_finite(key, chunk, start, base, dt)
-                sink(key, chunk, start)
+                out = chunk.cpu()  # computed on plan.device, written from the CPU
+                if _shares_memory(out, base, deltas):
+                    out = out.clone()  # the sink may hold it (write-behind) while the buffers are reused
+                sink(key, out, start)
     finally:
         if stash is not None:
             stash.close()
@@ -340,6 +384,12 @@ def run_passes(plan: MergePlan, sink, stash_dir: Path | None, progress: bool) ->
     if plan.lora_models:
         info["lora_models"] = plan.lora_models
     return MergeResult(None, None, plan.lines_alpha, plan.lines_beta, table, info)
+
+
+def _shares_memory(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether ``x`` lives in the storage of one of ``others`` (the chunk buffers that are reused)."""
+    ptr = x.untyped_storage().data_ptr()
+    return any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others)
 
 
 def _check_finite(key: str, chunk: torch.Tensor, start: int, base: torch.Tensor, dt: torch.dtype) -> None:

@@ -4,14 +4,17 @@
    do, or over the whole flattened model as in the paper: ``topk: global``).
 2. Elect: ``s = sign(sum_t w_t trimmed_t)``.
 3. Disjoint mean: average, per entry, the trimmed values whose sign agrees with ``s``.
-With ``weight != 1`` the mean is weighted (mergekit's convention); ``normalize: false`` keeps the sum.
+With ``weight != 1`` the mean is weighted (mergekit's convention); ``normalize: false`` keeps the sum. An
+entry whose weighted sum is exactly 0 elects ``+`` (mergekit). ``lambda`` multiplies the result.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ._common import DENSITY, TOPK, WEIGHT, disjoint_mean, keep_topk
+from ._common import DENSITY, LAMBDA, TOPK, WEIGHT, disjoint_mean, keep_topk
 from .registry import Param, register_merge_method
 
 
@@ -22,6 +25,7 @@ from .registry import Param, register_merge_method
         DENSITY,
         TOPK,
         Param("normalize", True, choices=(True, False), doc="divide by the agreeing weights"),
+        LAMBDA,
     ],
     inputs=("thresholds",),
     reference="https://arxiv.org/abs/2306.01708",
@@ -35,6 +39,8 @@ def ties(
     topk: str,
     normalize: bool,
     thresholds: torch.Tensor,
+    **kw: Any,
 ) -> torch.Tensor:
     """``deltas`` (T, n), ``thresholds`` (T,) -> TIES-merged task vector (n,)."""
-    return disjoint_mean(keep_topk(deltas, thresholds), weight, normalize)
+    merged = disjoint_mean(keep_topk(deltas, thresholds), weight, normalize)
+    return merged if kw["lambda"] == 1 else kw["lambda"] * merged

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,18 @@ def execute_plan(
     (:class:`~layerwise.errors.CheckpointError` if the base's tensor already holds inf/NaN) and nothing
     appears at ``out``.
     """
+    if not isinstance(plan, MergePlan):  # a slices merge (several plans, one output)
+        from .slices import execute_sliced
+
+        return execute_sliced(
+            plan,
+            out,
+            progress=progress,
+            copy_files=copy_files,
+            record=record,
+            overwrite=overwrite,
+            model_card=model_card,
+        )
     if out is None:
         tensors = {k: torch.empty(plan.base.shape(k), dtype=plan.out_dtype(k)) for k in plan.base.keys()}
 
@@ -68,12 +82,22 @@ def execute_plan(
         writer = ShardedSafetensorsWriter(
             tmp, specs, plan.max_shard_bytes, metadata={"format": "pt", "merged_by": "layerwise"}
         )
-        result = run_passes(plan, writer.write, tmp / ".lines_stash", progress)
+        sink = WriteBehind(writer.write)
+        try:
+            result = run_passes(plan, sink, tmp / ".lines_stash", progress)
+        except BaseException:
+            sink.abort()  # an error or Ctrl-C: do not wait for pending writes (the folder is discarded)
+            raise
+        sink.close()
         writer.close()
         if copy_files:
             _copy_side_files(Path(plan.base.source), tmp)
             if plan.dtype is not None:
                 _set_config_dtype(tmp / "config.json", plan.dtype)
+        if plan.union_vocabulary is not None:  # the union tokenizer replaces the base's
+            from ..vocab_union import write_tokenizer
+
+            write_tokenizer(plan.union_vocabulary, tmp)
         result.info.update(record or {})
         if model_card:
             from ..model_card import finish_output
@@ -88,6 +112,66 @@ def execute_plan(
         write_json(tmp / "layerwise_merge.json", result.info)
     result.out = out
     return result
+
+
+class WriteBehind:
+    """A sink that writes in a background thread: file writes release the GIL, so reading and merging the
+    next chunks overlap the write of this one. At most ``depth`` chunks wait (memory ``depth`` chunks);
+    the first write error is raised by the next call or by :meth:`close`.
+
+    >>> out = {}
+    >>> sink = WriteBehind(lambda k, c, s: out.setdefault(k, []).append((s, c.tolist())))
+    >>> sink("w", torch.ones(2), 0); sink("w", torch.zeros(1), 2); sink.close()
+    >>> out["w"]
+    [(0, [1.0, 1.0]), (2, [0.0])]
+    """
+
+    def __init__(self, write: Any, depth: int = 4) -> None:
+        self._write = write
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._aborted = False
+        self._thread = threading.Thread(target=self._loop, name="layerwise-write-behind", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None and not self._aborted:
+                try:
+                    self._write(*item)
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                    self._error = err
+
+    def __call__(self, key: str, chunk: torch.Tensor, start: int) -> None:
+        """Queue ``chunk`` (not to be modified afterwards) for writing at element ``start`` of ``key``."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((key, chunk, start))
+
+    def abort(self) -> None:
+        """Drop the queued chunks and return at once (the thread ends after the write in progress)."""
+        self._aborted = True
+        try:
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:  # pragma: no cover - emptied just above; the thread skips what is left
+            pass
+
+    def close(self) -> None:
+        """Wait until every queued chunk is written; raise the first write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 def _set_config_dtype(config: Path, dtype: torch.dtype) -> None:

@@ -8,10 +8,22 @@ Every model maps one-hot inputs ``(N, v, d)`` (channels first, as :func:`layerwi
 makes them) to logits ``(N, n_c)``. Hidden layers are named modules (``layers.0``, ``layers.1``, ...,
 ``blocks.0``...) so :func:`layerwise.hierarchy.learning.synonymic_sensitivity` can hook them by name.
 
-Parametrization (as in the authors' code): weights are drawn from N(0, 1) with the generator of ``seed`` and
-every hidden layer divides its pre-activation by ``sqrt(fan_in)``; the readout divides by ``sqrt(width)``
-(``scaling="standard"``, NTK-like) or by ``width`` (``scaling="meanfield"``, the feature-learning
-mean-field/muP-style limit; scale the learning rate by ``width`` to keep training speed comparable).
+Parametrization: weights are drawn from N(0, 1) with the generator of ``seed`` and every hidden layer divides
+its pre-activation by ``sqrt(fan_in)`` (for a convolution ``fan_in = in_channels * s``), as the authors' code
+does (``ConvBlockNT`` in pcsl-epfl/hierarchy-learning, ``models/cnn.py``). The readout normalisation is an
+option, :data:`SCALINGS`:
+
+* ``scaling="standard"`` (our default): logits = ``h_L @ W / sqrt(width)``, the NTK-like normalisation.
+  This is **not** the authors' choice; it is kept as the default because the experiments' settings (Adam,
+  learning rate) were fixed with it.
+* ``scaling="meanfield"``: logits = ``h_L @ W / width``, the mean-field (feature-learning) normalisation.
+  This **is** what the authors' code does (its ``ConvNetGAPMF`` divides the readout by the number of rows
+  of the ``(h, n_c)`` readout weight, i.e. by ``h``). With SGD, scale the learning rate by ``width`` to keep
+  the training speed comparable.
+
+Differences from the authors' network that remain whatever the option: no biases by default (theirs add
+``0.1 * b``, ``b ~ N(0, 1)``), and no global average pooling (here the last layer has a single position, so
+pooling would be the identity).
 """
 
 from __future__ import annotations
@@ -57,7 +69,8 @@ class _ConvBlock(nn.Module):
 
 
 class _Readout(nn.Module):
-    """Linear readout ``x @ W / norm``: (N, h) -> (N, n_c)."""
+    """Linear readout ``x @ W / norm``: (N, h) -> (N, n_c); ``norm = sqrt(h)`` ("standard") or ``h``
+    ("meanfield", the authors')."""
 
     def __init__(self, width: int, n_c: int, scaling: str) -> None:
         super().__init__()
@@ -78,7 +91,8 @@ class HierarchicalCNN(nn.Module):
     s : filter size and stride.
     L : depth (inputs have ``d = s**L`` positions, reduced to one by the L layers).
     width : channels ``h`` of every hidden layer.
-    scaling : ``"standard"`` (readout / sqrt(h)) or ``"meanfield"`` (readout / h).
+    scaling : readout normalisation, ``"standard"`` (default: readout / sqrt(h), NTK-like) or ``"meanfield"``
+        (readout / h, the authors' code); see the module docstring.
     bias : add biases to the convolutions (default False, as in the paper).
     seed : seed of the N(0, 1) initialization.
 
@@ -127,7 +141,8 @@ class FullyConnected(nn.Module):
     """The shallow baseline: ``depth`` fully connected ReLU layers of ``width`` on the flattened input.
 
     Input (N, v, d) one-hot; output (N, n_c). Module names ``layers.0`` ... and ``readout``. Same
-    parametrization as :class:`HierarchicalCNN` (N(0, 1) weights, 1/sqrt(fan_in) pre-activations).
+    parametrization as :class:`HierarchicalCNN` (N(0, 1) weights, 1/sqrt(fan_in) pre-activations, readout
+    divided by sqrt(width) for ``scaling="standard"`` (default) or by width for ``"meanfield"``).
     """
 
     def __init__(self, v: int, d: int, n_c: int, width: int, depth: int = 1, scaling: str = "standard",
@@ -155,6 +170,8 @@ class FullyConnected(nn.Module):
 
 
 class _Dense(nn.Module):
+    """``relu(x @ W / sqrt(n_in))``: (N, n_in) -> (N, n_out)."""
+
     def __init__(self, n_in: int, n_out: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))

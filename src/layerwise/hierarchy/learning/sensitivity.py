@@ -10,7 +10,9 @@ where ``P_l x`` is :meth:`layerwise.hierarchy.RHM.resample_level` (``level = l``
 ``<= l`` are kept, every rule choice from level ``l`` down is re-drawn and the input regenerated. So
 ``level = L - 1`` swaps each input s-tuple for a random synonym, and ``level = 0`` keeps only the class.
 ``x`` and ``y`` are independent data. A layer that has learned the grammar up to level ``l`` is invariant to
-``P_l`` (``S ~ 0``); the raw input is not.
+``P_l`` (``S ~ 0``); the raw input is not. The paper numbers layers from the input and levels from the bottom
+and reports ``S_{2,1}`` (second layer, synonyms of the input-level tuples): for a
+:class:`~layerwise.hierarchy.learning.HierarchicalCNN` that is ``layers=["layers.1"]`` with ``level = L - 1``.
 
 Correlation estimate of ``P*``: the class-conditional frequency of the tuple at one input patch deviates
 from its class average by a relative amount ``sigma`` (:func:`~layerwise.hierarchy.statistics.

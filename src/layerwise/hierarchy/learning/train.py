@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..._device import resolve_device
 from ..._validation import check_choice, check_float, check_int, make_generator
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "TrainResult", "train", "evaluate"]
@@ -103,7 +104,7 @@ def train(
     """
     config = config if config is not None else TrainConfig()
     _check_data(x, y)
-    device = torch.device(device)
+    device = resolve_device(device)
     gen = make_generator(seed)
     model.to(device)
     model.train()
