@@ -23,6 +23,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest import tiny_clip_folder  # noqa: E402
 from layerwise import _extras  # noqa: E402
 from layerwise.cli import main  # noqa: E402
 from layerwise.errors import LayerwiseError  # noqa: E402
@@ -496,7 +497,7 @@ def _world(root: Path) -> dict[str, Path]:
     (d / "empty.yaml").write_text("")
     P["f_empty"] = d / "empty.yaml"
     if HAS_TRANSFORMERS:
-        clip = _tiny_clip(d / "clip")
+        clip = tiny_clip_folder(d / "clip", layers=1)
         for cls in ("cat", "dog"):
             (d / "bombs" / cls).mkdir(parents=True)
             _bomb_png(d / "bombs" / cls / "0.png", 100_000, 100_000)
@@ -547,30 +548,6 @@ def _load_nets(path: Path) -> torch.nn.Module:
     from layerwise.diffeo.io import load_model
 
     return load_model(f"{path}:build")
-
-
-def _tiny_clip(folder: Path) -> Path:
-    import string
-
-    import transformers
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ".,'-{}":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    small = {"hidden_size": 16, "intermediate_size": 24, "num_attention_heads": 2, "num_hidden_layers": 1}
-    cfg = transformers.CLIPConfig(
-        text_config={"vocab_size": len(vocab), "max_position_embeddings": 32, "bos_token_id": 0,
-                     "eos_token_id": 1, "pad_token_id": 1, **small},
-        vision_config={"image_size": 16, "patch_size": 8, **small}, projection_dim=8)
-    torch.manual_seed(0)
-    transformers.CLIPModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _vectors(P: dict[str, Path]) -> list[dict]:

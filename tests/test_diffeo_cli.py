@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DIFFEO_MODEL_CODE
 from layerwise.cli import main
 from layerwise.diffeo import log_temperatures, relative_stability, sample_grid, temperature_range
 from layerwise.diffeo.io import load_model, read_images
@@ -15,15 +16,7 @@ from layerwise.errors import CheckpointError, ParameterError
 
 PIL = pytest.importorskip("PIL.Image")
 
-MODEL_CODE = '''
-import torch
-
-
-def build():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 10 * 10, 5))
-'''
+MODEL_CODE = DIFFEO_MODEL_CODE
 
 
 def _png(path, size=12, seed=0):

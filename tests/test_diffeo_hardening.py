@@ -7,19 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DIFFEO_MODEL_CODE
 from layerwise.cli import main
 from layerwise.diffeo.io import load_model, read_image, read_images
 
 PIL = pytest.importorskip("PIL.Image")
 
-MODEL_CODE = '''
-import torch
-
-
-def build():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(4 * 10 * 10, 5))
+MODEL_CODE = DIFFEO_MODEL_CODE + '''
 
 
 def nan_weights():

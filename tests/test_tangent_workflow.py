@@ -4,12 +4,12 @@ with a tiny BPE tokenizer), end to end through ``layerwise merge`` and the linea
 from __future__ import annotations
 
 import json
-import string
 
 import pytest
 import torch
 import yaml
 
+from conftest import tiny_clip_folder
 from layerwise.cli import main
 from layerwise.editing import load_state_dict
 from layerwise.errors import ConfigError
@@ -125,44 +125,6 @@ def test_cli_dry_run_trains_and_writes_nothing(tmp_path, capsys):
 
 
 # -- the real-model path on a tiny random CLIP ------------------------------------------------------------
-def _tiny_clip(folder):
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in string.ascii_lowercase + string.digits + ".,'-{}":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    cfg = transformers.CLIPConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 16,
-            "intermediate_size": 24,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-            "max_position_embeddings": 32,
-            "bos_token_id": 0,
-            "eos_token_id": 1,
-            "pad_token_id": 1,
-        },
-        vision_config={
-            "image_size": 16,
-            "patch_size": 8,
-            "hidden_size": 16,
-            "intermediate_size": 24,
-            "num_attention_heads": 2,
-            "num_hidden_layers": 2,
-        },
-        projection_dim=8,
-    )
-    torch.manual_seed(0)
-    model = transformers.CLIPModel(cfg)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def _images(root, classes, n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     for c in classes:
@@ -175,7 +137,7 @@ def _images(root, classes, n=3, seed=0):
 def test_tiny_clip_end_to_end(tmp_path):
     from layerwise.tangent.clip import ClipImageEncoder, ImageFolder, load_clip, zeroshot_head
 
-    clip_dir = _tiny_clip(tmp_path / "clip")
+    clip_dir = tiny_clip_folder(tmp_path / "clip")
     for task, classes in (("cars", ["red car", "blue car"]), ("pets", ["cat", "dog"])):
         _images(tmp_path / task / "train", classes)
         _images(tmp_path / task / "val", classes, seed=1)
