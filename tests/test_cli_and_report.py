@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from layerwise import _io
+from layerwise._io import is_temporary_name
 from layerwise._registry import Registry
 from layerwise.cli import COMMAND_MODULES, main
 from layerwise.experiments import EXPERIMENTS, run_experiment
@@ -62,7 +63,9 @@ def test_reproduce_writes_results_figures_and_report(tmp_path):
     assert summary["fitted_exponent_sigma_vs_mL"] == pytest.approx(-0.5, abs=0.05)
     html = (tmp_path / "report.html").read_text()
     assert "rhm-stats" in html and "data:image/png;base64," in html
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    # no temporary folders left; .sweeps keeps the finished sweep points for --resume (documented)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != ".sweeps"]
+    assert not [p for p in tmp_path.rglob("*") if is_temporary_name(p.name) or p.suffix == ".tmp"]
 
 
 def test_reproduce_unknown_name_fails_before_running(tmp_path, capsys):

@@ -205,6 +205,18 @@ def test_multislerp_two_orthogonal_points_is_slerp_and_antipodal_points():
         merge_models("multislerp", [a, c, a, c], base)
 
 
+def test_multislerp_eps_zero_takes_the_limit_or_refuses_a_zero_tensor():
+    # equal directions and eps 0: tau = 0, the result is the sinc limit (the common direction), not a crash
+    a = {"w": torch.tensor([3.0, 4.0])}
+    b = {"w": torch.tensor([6.0, 8.0])}
+    out = merge_models("multislerp", [a, b], None, params={"eps": 0.0}).tensors["w"]
+    torch.testing.assert_close(out, torch.tensor([4.5, 6.0]), atol=1e-6, rtol=0)
+    # a zero tensor has no direction: eps 0 would write NaN, so it is refused, naming eps
+    z = {"w": torch.zeros(2)}
+    with pytest.raises(ParameterError, match="eps"):
+        merge_models("multislerp", [a, z], None, params={"eps": 0.0})
+
+
 # -- Karcher mean --------------------------------------------------------------------------------------
 def _karcher_reference(points, max_iter=10, tol=1e-5):
     """The Karcher mean on the sphere by Riemannian gradient descent, dense float64 (equal weights)."""

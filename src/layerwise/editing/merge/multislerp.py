@@ -35,6 +35,9 @@ def multislerp_coefficients(g: torch.Tensor, w: torch.Tensor, eps: float) -> tor
     """Coefficients ``c`` (T,) of the result ``c^T X`` from the points' Gram matrix ``g`` (T, T) and the
     (already normalised) weights ``w`` (T,), float64."""
     norms = g.diagonal().clamp(min=0).sqrt()
+    if eps == 0 and bool((norms == 0).any()) and bool((norms > 0).any()):
+        # a zero tensor has no unit direction: with eps 0 it would become NaN (mergekit writes NaN here)
+        raise ParameterError("multislerp: eps is 0 and a model's tensor is all zeros; use eps > 0 (default 1e-8)")
     inv = 1.0 / (norms + eps)  # u_t = inv_t x_t
 
     def norm(c: torch.Tensor) -> float:
@@ -55,7 +58,8 @@ def multislerp_coefficients(g: torch.Tensor, w: torch.Tensor, eps: float) -> tor
     dots = (g @ m_hat) * inv  # <u_t, m_hat>
     v = a - float(w @ dots) * m_hat  # sum_t w_t (u_t - <u_t, m_hat> m_hat)
     tau = norm(v) + eps
-    r = math.cos(tau) * m_hat + (math.sin(tau) / tau) * v
+    sinc = math.sin(tau) / tau if tau > 0 else 1.0  # tau = 0 only with eps 0 and equal directions: the limit
+    r = math.cos(tau) * m_hat + sinc * v
     return float(w @ norms) * r
 
 
