@@ -37,7 +37,9 @@ def multislerp_coefficients(g: torch.Tensor, w: torch.Tensor, eps: float) -> tor
     norms = g.diagonal().clamp(min=0).sqrt()
     if eps == 0 and bool((norms == 0).any()) and bool((norms > 0).any()):
         # a zero tensor has no unit direction: with eps 0 it would become NaN (mergekit writes NaN here)
-        raise ParameterError("multislerp: eps is 0 and a model's tensor is all zeros; use eps > 0 (default 1e-8)")
+        raise ParameterError(
+            "multislerp: eps is 0 and a model's tensor is all zeros; use eps > 0 (default 1e-8)"
+        )
     inv = 1.0 / (norms + eps)  # u_t = inv_t x_t
 
     def norm(c: torch.Tensor) -> float:
