@@ -15,6 +15,7 @@ from layerwise.editing.merge import (
     collect_fisher,
     collect_regmean_stats,
     load_statistics,
+    merge_models,
     merge_with_statistics,
     save_statistics,
 )
@@ -282,6 +283,24 @@ def test_statistics_files_and_the_cli(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"method": "regmean", "models": [{"model": "x"}]}))
     assert main(["merge-data", str(cfg), "--out", str(tmp_path / "o2")]) == 2
     assert "models[0]" in capsys.readouterr().err
+
+
+def test_the_element_wise_entry_points_point_data_methods_to_merge_data(tmp_path, capsys):
+    # `layerwise merge --list-methods` lists both registries; the data-dependent ones under their command
+    assert main(["merge", "--list-methods"]) == 0
+    listing = capsys.readouterr().out
+    tail = listing.split("data-dependent methods", 1)[1]
+    for name in DATA_MERGE_METHODS.names():
+        assert f"\n{name}: " in tail and DATA_MERGE_METHODS.get(name).reference in tail
+    # method: regmean in a `layerwise merge` YAML, or merge_models("fisher"): one line naming merge-data
+    a = {"w": torch.zeros(3)}
+    with pytest.raises(ParameterError, match="'fisher' is data-dependent.*merge-data"):
+        merge_models("fisher", [a, a], a)
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "regmean", "models": ["a", "b"], "base_model": "c"}))
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "'regmean' is data-dependent" in err and "merge-data" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(

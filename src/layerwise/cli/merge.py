@@ -48,13 +48,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from .._validation import check_int
-    from ..editing.merge import MERGE_METHODS
+    from ..editing.merge import DATA_MERGE_METHODS, MERGE_METHODS
     from ..editing.merge.plan import merge_device
     from ..errors import ParameterError
 
     if args.list_methods:
         for name in MERGE_METHODS.names():
             m = MERGE_METHODS.get(name)
+            print(f"{name}: {m.description}\n  reference: {m.reference}")
+            for param in m.params:
+                print(f"  - {param.describe()}")
+        print("\ndata-dependent methods (per-model statistics from your batches; run `layerwise merge-data`):")
+        for name in DATA_MERGE_METHODS.names():
+            m = DATA_MERGE_METHODS.get(name)
             print(f"{name}: {m.description}\n  reference: {m.reference}")
             for param in m.params:
                 print(f"  - {param.describe()}")

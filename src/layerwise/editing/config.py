@@ -37,6 +37,7 @@ from ..errors import ConfigError, LayerwiseError, ParameterError, ParameterTypeE
 from .checkpoints import parse_size
 from .lines import _compile
 from .merge import MERGE_METHODS
+from .merge.data_dependent import refuse_data_method
 from .merge.gradients import split_schedules
 from .merge.plan import DTYPE_CHOICES, LinesSpec, MergePlan, plan_merge
 from .merge.registry import _r
@@ -242,6 +243,10 @@ def _parse(data: Any, base_dir: Path, check_files: bool) -> MergeConfig:
     if "method" not in data:
         raise ConfigError(f"'method' is required; valid methods: {sorted(MERGE_METHODS.names())}")
     method = data["method"]
+    try:
+        refuse_data_method(method)  # regmean/fisher: one line pointing to `layerwise merge-data`
+    except ParameterError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(method, str) or method not in MERGE_METHODS:
         raise ConfigError(f"method must be one of {sorted(MERGE_METHODS.names())}, got {_r(method)}")
 

@@ -38,7 +38,9 @@ from ..checkpoints import load_state_dict
 from .registry import Param
 from .statistics import Statistics, load_statistics
 
-__all__ = ["DataMergeMethod", "DATA_MERGE_METHODS", "merge_with_statistics", "regmean", "fisher"]
+__all__ = [
+    "DataMergeMethod", "DATA_MERGE_METHODS", "merge_with_statistics", "regmean", "fisher", "refuse_data_method",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,19 @@ class DataMergeMethod:
 
 
 DATA_MERGE_METHODS: Registry[DataMergeMethod] = Registry("data-dependent merge method")
+
+
+def refuse_data_method(method: object) -> None:
+    """Raise :class:`~layerwise.errors.ParameterError` when ``method`` names a data-dependent merge.
+
+    The element-wise entry points (``layerwise merge``, :func:`~layerwise.editing.merge.merge_models`) call
+    this before their own lookup, so ``method: regmean`` says where it lives instead of "unknown method".
+    """
+    if isinstance(method, str) and method in DATA_MERGE_METHODS:
+        raise ParameterError(
+            f"method {method!r} is data-dependent: it needs per-model statistics computed on your batches; "
+            "use `layerwise merge-data CONFIG` or merge_with_statistics() (docs: community benchmarks guide)"
+        )
 
 
 def _register(name: str, kind: str, params: Sequence[Param], reference: str, description: str):

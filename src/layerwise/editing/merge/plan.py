@@ -28,6 +28,7 @@ from ..lines import discover_blocks, format_lines_table, lines_table
 from ..lora import LoraCheckpoint, is_lora_adapter
 from ..task_vector import compute_dtype
 from ..vocab import align_vocabulary
+from .data_dependent import refuse_data_method
 from .gradients import key_values, split_schedules
 from .registry import MERGE_METHODS, MergeMethod
 
@@ -260,6 +261,7 @@ def plan_merge(
     """
     if not isinstance(method, str):
         raise ParameterTypeError(f"method must be a name in {sorted(MERGE_METHODS.names())}, got {method!r}")
+    refuse_data_method(method)
     try:
         spec = MERGE_METHODS.get(method)
     except ValueError as err:
