@@ -32,6 +32,7 @@ import torch
 from ..errors import CheckpointError, ParameterError
 from .checkpoints import Checkpoint
 from .lines import discover_blocks
+from .model_card import TOKENIZER_FILES  # the files replaced by the union tokenizer
 
 __all__ = [
     "UnionVocabulary",
@@ -41,18 +42,6 @@ __all__ = [
     "vocabulary_keys",
     "write_tokenizer",
 ]
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "spiece.model",
-)
 
 
 def _load_tokenizer(folder: Path, what: str) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
 import torch
 
 from .registry import Param
@@ -84,6 +87,24 @@ def l1_rescale_factors(l1_before: torch.Tensor, l1_after: torch.Tensor, eps: flo
     below ``eps`` (mergekit's ``rescaled_masked_tensor`` with the L1 norm)."""
     ok = (l1_before >= eps) & (l1_after >= eps)
     return torch.where(ok, l1_before / torch.where(ok, l1_after, 1.0), 1.0)
+
+
+def l1_factors_pass(
+    chunks: Callable[[], Iterable[tuple[torch.Tensor, Mapping[str, Any]]]],
+    glob: Mapping[str, Any],
+    keep: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor],
+) -> dict[str, Any]:
+    """The ``prepare`` pass of the random-drop methods (DARE, DELLA): ``{"l1_factor": (T,)}`` =
+    ``||delta_t||_1 / ||kept_t||_1`` over the whole tensor, with ``keep(deltas, kw)`` the (T, n) keep mask of
+    one chunk; ``{}`` unless ``rescale`` is on with ``rescale_mode: l1``."""
+    if not glob["rescale"] or glob["rescale_mode"] != "l1":
+        return {}
+    before = after = None
+    for deltas, kw in chunks():
+        mag = deltas.abs().double()
+        b, a = mag.sum(dim=1).cpu(), torch.where(keep(deltas, kw), mag, 0).sum(dim=1).cpu()
+        before, after = (b, a) if before is None else (before + b, after + a)
+    return {"l1_factor": l1_rescale_factors(before, after)}
 
 
 def keep_topk(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

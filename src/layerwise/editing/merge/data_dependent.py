@@ -39,7 +39,12 @@ from .registry import Param
 from .statistics import Statistics, load_statistics
 
 __all__ = [
-    "DataMergeMethod", "DATA_MERGE_METHODS", "merge_with_statistics", "regmean", "fisher", "refuse_data_method",
+    "DataMergeMethod",
+    "DATA_MERGE_METHODS",
+    "merge_with_statistics",
+    "regmean",
+    "fisher",
+    "refuse_data_method",
 ]
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ...errors import ParameterError
-from ._common import LAMBDA, RESCALE, RESCALE_MODE, WEIGHT, l1_rescale_factors
+from ._common import LAMBDA, RESCALE, RESCALE_MODE, WEIGHT, l1_factors_pass
 from ._common import combine as _combine
 from .registry import Param, register_merge_method
 
@@ -66,16 +66,7 @@ def della_l1_norms(
     numel: int,
 ) -> dict[str, Any]:
     """``{"l1_factor": (T,)}``: ``||delta_t||_1 / ||kept_t||_1`` over the whole tensor (rescale_mode l1)."""
-    if not glob["rescale"] or glob["rescale_mode"] != "l1":
-        return {}
-    before = after = None
-    for deltas, kw in chunks():
-        mag = deltas.abs().double()
-        keep = _keep(deltas, kw)
-        b, a = mag.sum(dim=1), torch.where(keep, mag, 0).sum(dim=1)
-        b, a = b.cpu(), a.cpu()
-        before, after = (b, a) if before is None else (before + b, after + a)
-    return {"l1_factor": l1_rescale_factors(before, after)}
+    return l1_factors_pass(chunks, glob, _keep)
 
 
 def _keep(deltas: torch.Tensor, kw: Mapping[str, Any]) -> torch.Tensor:
