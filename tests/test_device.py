@@ -133,7 +133,7 @@ def test_every_device_flag_has_the_standard_text():
     expected = {"layerwise kernels gram", "layerwise kernels curve", "layerwise diffeo stability",
                 "layerwise rhm denoise", "layerwise finetune", "layerwise diffusion text",
                 "layerwise diffusion images", "layerwise m3id generate", "layerwise m3id pope",
-                "layerwise m3id chair"}
+                "layerwise m3id chair", "layerwise reproduce", "layerwise diffeo experiment"}
     assert expected <= set(found), sorted(expected - set(found))
     for name in expected:
         assert found[name].help.endswith(DEVICE_HELP), (name, found[name].help)

@@ -119,12 +119,18 @@ def test_cli_experiment_passes_every_option(tmp_path, monkeypatch, capsys):
     name, out, scale, kw = calls[0]
     assert (name, out, scale) == ("diffeo-stability", str(tmp_path / "o"), "full")
     assert kw == {"image_folder": str(tmp_path / "imgs"), "folder_size": 24, "folder_grayscale": True,
-                  "folder_max_per_class": 50, "train_sizes": (16, 100)}
-    assert main(["diffeo", "experiment", "--images", str(tmp_path / "imgs"), "--out", "o2"]) == 0
+                  "folder_max_per_class": 50, "train_sizes": (16, 100), "device": "cpu"}
+    assert main(["diffeo", "experiment", "--images", str(tmp_path / "imgs"), "--out", "o2",
+                 "--device", "CPU:0"]) == 0
     assert calls[1][3] == {"image_folder": str(tmp_path / "imgs"), "folder_size": 32,
-                           "folder_grayscale": False, "folder_max_per_class": None}
+                           "folder_grayscale": False, "folder_max_per_class": None, "device": "cpu:0"}
     assert calls[1][2] == "quick"
     capsys.readouterr()
+    assert main(["diffeo", "experiment", "--images", str(tmp_path / "imgs"), "--out", "o3",
+                 "--device", "meta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device must be one of cpu, cuda" in err, err
+    assert len(calls) == 2
     assert main(["diffeo", "experiment", "--images", str(tmp_path / "nope"), "--out", "o3"]) == 2
     assert main(["diffeo", "experiment", "--images", str(tmp_path / "imgs"), "--out", "o3",
                  "--size", "30"]) == 2

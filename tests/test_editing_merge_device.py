@@ -14,8 +14,6 @@ from layerwise.editing import execute_plan, merge_models, plan_merge
 from layerwise.editing.extract_lora import extract_lora
 from layerwise.errors import ParameterError
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 def _models(seed=0, t=3):
     g = torch.Generator().manual_seed(seed)
@@ -97,7 +95,32 @@ def test_cli_device_option(tmp_path):
     assert (tmp_path / "cpu" / "model.safetensors").is_file()
 
 
-@cuda
+def test_auto_is_resolved_then_checked_by_the_central_resolver():
+    from layerwise.editing.merge.plan import merge_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert merge_device(" AUTO ").type == merge_device("auto").type == expected
+    assert merge_device(None) == merge_device("CPU") == torch.device("cpu")
+    with pytest.raises(ParameterError) as info:  # the same refusal as every other device option, plus auto
+        merge_device("meta", name="--device")
+    msg = str(info.value)
+    assert msg.startswith("--device must be one of cpu, cuda") and "cannot hold real data" in msg
+    assert "'auto'" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("command", ["merge", "extract-lora"])
+def test_cli_refuses_meta_in_one_line_naming_the_flag(command, tmp_path, capsys):
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(yaml.safe_dump({"method": "task_arithmetic", "base_model": "b", "models": ["f"]}))
+    lora = ["extract-lora", str(tmp_path / "b"), str(tmp_path / "f"), "--rank", "1"]
+    argv = {"merge": ["merge", str(cfg)], "extract-lora": lora}[command]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--device", "meta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device must be one of cpu, cuda" in err and "meta" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("method,params,extra", CASES)
 def test_cuda_merge_matches_cpu(method, params, extra):
     ref, _ = _run(method, params, extra, "cpu")
@@ -108,7 +131,7 @@ def test_cuda_merge_matches_cpu(method, params, extra):
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5)
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_lora_extraction_matches_cpu():
     base, fts = _models()
     base = {k + ".weight" if k.startswith("layers") else k: v for k, v in base.items()}

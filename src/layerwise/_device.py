@@ -79,7 +79,7 @@ def _check_available(out: torch.device, device: object, name: str) -> None:
 
 
 def resolve_device(device: str | torch.device | None, default: str | torch.device = "cpu", *,
-                   name: str = "device") -> torch.device:
+                   name: str = "device", local: bool = True) -> torch.device:
     """Validate a user's device and return it as a ``torch.device``.
 
     Parameters
@@ -91,11 +91,17 @@ def resolve_device(device: str | torch.device | None, default: str | torch.devic
         The device used when ``device`` is None (validated the same way).
     name : str
         The parameter named in the error message (``"device"``, ``"--device"`` ...).
+    local : bool
+        True (default): the work runs on this machine, which must have the device. False: it runs on other
+        machines (SLURM jobs, a remote Dask cluster), so only the name is checked here (``cuda`` is accepted
+        on a login node without a GPU; ``meta``, ``cpu:1`` or a malformed name are still refused) and the
+        workers check availability when they call a ``device=`` function.
 
     Returns
     -------
     torch.device
-        A device that can hold tensors on this machine (a tiny tensor is allocated on it as a check).
+        A device that can hold tensors on this machine (a tiny tensor is allocated on it as a check); with
+        ``local=False``, a well-formed CPU, CUDA or MPS device.
 
     Raises
     ------
@@ -108,6 +114,8 @@ def resolve_device(device: str | torch.device | None, default: str | torch.devic
 
     raw = default if device is None else device
     out = _parse(raw, name)
+    if not local and out.type in ("cuda", "mps"):
+        return out  # checked where the work runs
     _check_available(out, raw, name)
     try:
         torch.empty(0, device=out)

@@ -116,6 +116,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--max-per-class", type=_count, default=None, help="use at most N images per class")
     ex.add_argument("--train-sizes", type=_count, nargs="+", default=None,
                     help="training-set sizes P (default: the scale's)")
+    add_device_argument(ex, help="where the nets train and R_f is measured")
     ex.set_defaults(func=_experiment)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -185,7 +186,9 @@ def _experiment(args: argparse.Namespace) -> int:
     from .._validation import check_int
     from ..errors import InputDataError, ParameterError
     from ..experiments import run_experiment
+    from ..experiments._base import check_device
 
+    device = check_device(args.device, name="--device")  # a bad --device: one line, before any work
     check_int("--size", args.size, low=8)
     if args.size % 4:
         raise ParameterError(f"--size must be divisible by 4 (the nets pool by 4), got {args.size}")
@@ -197,7 +200,7 @@ def _experiment(args: argparse.Namespace) -> int:
         for P in args.train_sizes:
             check_int("--train-sizes", P, low=2)
         overrides["train_sizes"] = tuple(args.train_sizes)
-    summary = run_experiment("diffeo-stability", args.out, scale=args.scale, **overrides)
+    summary = run_experiment("diffeo-stability", args.out, scale=args.scale, device=device, **overrides)
     print(f"wrote {Path(args.out) / 'diffeo-stability'} ({summary.get('runtime_s', 0):.0f} s); "
           f"`layerwise report {args.out}` renders it")
     return 0

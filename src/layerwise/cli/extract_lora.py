@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="factor dtype (default: base's)",
     )
-    p.add_argument("--device", default=None, help="where the SVDs run: cpu (default), cuda, cuda:1…")
+    p.add_argument("--device", default=None,
+                   help="where the SVDs run: cpu (default), cuda, cuda:1, mps, auto (CUDA when available)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace OUT if an earlier layerwise run wrote it"
     )
@@ -40,7 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..editing.extract_lora import extract_lora
+    from ..editing.merge.plan import merge_device
 
+    merge_device(args.device, name="--device")  # a device this machine lacks: one line, before any work
     res = extract_lora(
         args.base,
         args.finetuned,

@@ -58,7 +58,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name}: {m.description}\n  reference: {m.reference}")
             for param in m.params:
                 print(f"  - {param.describe()}")
-        print("\ndata-dependent methods (per-model statistics from your batches; run `layerwise merge-data`):")
+        print("\ndata-dependent methods (per-model statistics from your batches; "
+              "run `layerwise merge-data`):")
         for name in DATA_MERGE_METHODS.names():
             m = DATA_MERGE_METHODS.get(name)
             print(f"{name}: {m.description}\n  reference: {m.reference}")
@@ -69,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ParameterError("give a CONFIG.yaml (or --list-methods)")
     if args.out is None and not args.dry_run:
         raise ParameterError("--out DIR is required (or use --dry-run)")
-    device = merge_device(args.device)  # a device this machine lacks: one line, before any work
+    device = merge_device(args.device, name="--device")  # one line for a bad device, before any work
     threads = check_int("--threads", args.threads, low=1, high=4096)
     import torch
 

@@ -50,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", choices=SCALES, default="quick", help="quick (CPU minutes) or full")
     p.add_argument("--out", default="results", help="output folder (default: results)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    from .._device import add_device_argument
+
+    add_device_argument(p, help="where the experiments' training, BP and Gram matrices run (every sweep "
+                                "point gets it; rhm-stats always runs on the CPU)")
     g = p.add_argument_group("sweeps (each experiment's grid of settings and seeds runs on the sweep runner)")
     g.add_argument("--executor", choices=("inprocess", "process", "dask", "slurm"), default="inprocess",
                    help="where sweep points run: this process (default), a local spawn process pool, Dask "
@@ -120,14 +124,19 @@ def _run(args: argparse.Namespace) -> int:
     sweep.update(slurm)
     if SweepOptions(**sweep).executor == "slurm":
         check_slurm_cluster(SweepOptions(**sweep))  # no SLURM here: one line now, not a silent local run
+    from ..experiments._base import check_device
+
+    with sweep_options(**sweep):  # points on a SLURM or remote Dask cluster: their nodes must have it
+        device = check_device(args.device, name="--device")  # one line and exit 2, before any work
     out = check_output_dir(args.out, overwrite=True, collection=True)
     for name in names:
         check_output_dir(out / name, overwrite=True)
     check_report_target(out)  # never run for hours and then refuse to write the report
     with sweep_options(**sweep):
         for name in tqdm(names, desc="experiments", unit="exp"):
-            tqdm.write(f"[layerwise] running {name} ({args.scale}) -> {args.out}/{name}/")
-            summary = run_experiment(name, args.out, scale=args.scale)
+            where = device if EXPERIMENTS.get(name).uses_device else "cpu"
+            tqdm.write(f"[layerwise] running {name} ({args.scale}, on {where}) -> {args.out}/{name}/")
+            summary = run_experiment(name, args.out, scale=args.scale, device=device)
             tqdm.write(f"[layerwise] {name}: done in {summary.get('runtime_s')} s -> {args.out}/{name}/")
     report = build_report(args.out)
     print(run_times(args.out, names))  # per-experiment run times and verdicts

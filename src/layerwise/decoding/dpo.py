@@ -192,7 +192,7 @@ def train_dpo(
     with tempfile.TemporaryDirectory() as tmp:
         settings = {
             "output_dir": output_dir or tmp,
-            "use_cpu": True,
+            "use_cpu": model.device.type == "cpu",  # train where the model is (a GPU when moved there)
             "bf16": False,
             "fp16": False,
             checkpointing: False,

@@ -342,7 +342,8 @@ def train_toy_vlm(
 
     The loss is next-token cross-entropy on the target tokens and the end-of-sequence token only. A random
     ``image_dropout`` fraction of each batch loses its image (the image tokens are removed from the prompt),
-    so the model also learns the image-free distribution ``p(y | x)``.
+    so the model also learns the image-free distribution ``p(y | x)``. Training runs on the model's device
+    (move the model first, e.g. ``model.to("cuda")``); the batches are drawn on the CPU from ``seed``.
     """
     steps = check_int("steps", steps, low=0)
     batch_size = check_int("batch_size", batch_size, low=1)
@@ -391,8 +392,9 @@ def train_toy_vlm(
             ids[k, : len(r)] = torch.tensor(r)
             lab[k, : len(y)] = torch.tensor(y)
             mask[k, : len(r)] = 1
-        kwargs = {"pixel_values": pixels[img_rows]} if img_rows else {}
-        out = model(input_ids=ids, attention_mask=mask, labels=lab, **kwargs)
+        dev = model.device
+        kwargs = {"pixel_values": pixels[img_rows].to(dev)} if img_rows else {}
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), labels=lab.to(dev), **kwargs)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

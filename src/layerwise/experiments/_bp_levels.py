@@ -32,7 +32,9 @@ def level_point(config: dict[str, Any], seed: int) -> dict[str, Any]:
     ``level``, ``n_data`` (starting data), ``n_traj`` (runs per datum) and ``float32`` (BP precision);
     ``seed`` draws the starting data (the noise uses ``seed + 1``). An optional ``threads`` runs the point
     with that many torch threads (instead of the sweep's ``threads``): the last bits of BP's sums depend on
-    it, so it is part of the point's config and the numbers stay the same on every executor.
+    it, so it is part of the point's config and the numbers stay the same on every executor. An optional
+    ``device`` (default ``"cpu"``) is where the leaf evidence is built and BP runs (the data, the noise and
+    BP's posterior draws come from CPU generators, so a GPU changes the numbers only by round-off).
     """
     previous = torch.get_num_threads()
     if config.get("threads") and config["threads"] != previous:
@@ -41,7 +43,8 @@ def level_point(config: dict[str, Any], seed: int) -> dict[str, Any]:
         rhm = RHM(config["v"], config["n_c"], config["m"], config["s"], config["L"],
                   seed=config["rules_seed"])
         data = rhm.sample(config["n_data"], seed=seed)
-        den = BPDenoiser(rhm, dtype=torch.float32 if config["float32"] else torch.float64)
+        den = BPDenoiser(rhm, dtype=torch.float32 if config["float32"] else torch.float64,
+                         device=config.get("device", "cpu"))
         res = forward_backward(data, config["process"], [config["level"]], config["n_traj"], den,
                                seed=seed + 1, keep_trajectories=False)
         return res.levels[0].summary()

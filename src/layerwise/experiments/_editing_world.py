@@ -59,6 +59,7 @@ class WorldSpec:
     ft_warmup: int = 5
     ft_weight_decay: float = 0.1
     head_scale: float = 10.0
+    device: str = "cpu"  # fine-tunes and evaluations (pre-training runs on the CPU, cached per process)
 
 
 @contextlib.contextmanager
@@ -236,6 +237,7 @@ def world_spec(config, arch: str, seed: int) -> WorldSpec:
         ft_steps=config.ft_steps,
         ft_batch=config.ft_batch,
         ft_lr=config.ft_lr,
+        device=config.device,
     )
 
 
@@ -243,15 +245,22 @@ _CACHE: dict[WorldSpec, World] = {}
 
 
 def get_world(spec: WorldSpec) -> World:
-    """Build (or reuse) the world of ``spec``: pre-training, tasks and heads (fine-tunes come on demand)."""
+    """Build (or reuse) the world of ``spec``: pre-training, tasks and heads (fine-tunes come on demand).
+    The encoder, the tasks' images and the heads live on ``spec.device`` (pre-training runs on the CPU)."""
     if spec not in _CACHE:
+        from .._device import resolve_device
+
+        device = resolve_device(spec.device, name="device")
         if len(_CACHE) >= 12:
             _CACHE.pop(next(iter(_CACHE)))
-        encoder = _pretrain(spec)
+        encoder = _pretrain(spec).to(device)
         for p in encoder.parameters():
             p.requires_grad_(True)
         names = tuple(dict.fromkeys((*spec.tasks, CONTROL)))
         tasks = make_tasks(names, seed=spec.seed, n_train=spec.n_train, n_val=spec.n_val, n_test=spec.n_test)
+        tasks = {name: dataclasses.replace(task, **{split: tuple(t.to(device) for t in getattr(task, split))
+                                                    for split in ("train", "val", "test")})
+                 for name, task in tasks.items()}
         heads = {}
         with torch.no_grad():
             for name, task in tasks.items():

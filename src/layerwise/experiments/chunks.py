@@ -61,6 +61,7 @@ class Config:
     fit_r_max_fraction: float = 0.125
     float32: bool = False
     threads: int = 2  # torch threads of each sweep point (BP's sums, hence the last bits, depend on it)
+    device: str = "cpu"  # where the leaf evidence is built and BP runs (reproduce --device)
     rules_seed: int = 0
     seed: int = 2
 
@@ -72,7 +73,8 @@ def _curves(config: Config, out: Path) -> list[list[dict[str, Any]]]:
     def spec(L: int, process: str) -> dict[str, Any]:
         return {"v": config.v, "n_c": config.n_c, "m": config.m, "s": config.s, "L": L,
                 "rules_seed": config.rules_seed, "process": process, "n_data": config.n_x0,
-                "n_traj": config.n_traj, "float32": config.float32, "threads": config.threads}
+                "n_traj": config.n_traj, "float32": config.float32, "threads": config.threads,
+                "device": config.device}
 
     curves = [(spec(L, "eps"), config.eps_levels, config.seed + 100 * L) for L in config.depths]
     curves.append((spec(max(config.depths), "mask"), config.mask_levels, config.seed + 7))

@@ -96,6 +96,7 @@ class Config:
     n_test: int = 512
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     nngp_teacher: bool = False  # also a whole-input NNGP teacher (nu_t = 3/2)
+    device: str = "cpu"  # where the learning curves' Gram matrices and solves run (the spectra: on CPU)
 
 
 def d_eff(filters: tuple[int, ...], level: int) -> int:
@@ -150,10 +151,11 @@ def curve_point(case: dict[str, Any], seed: int) -> dict[str, Any]:
 
     Returns ``{"mse": {teacher: [mse at each P]}}``, equal to a multi-seed
     :func:`~layerwise.kernels.learning_curve` (each seed has its own generator) wherever the point runs.
+    ``case["device"]`` (default ``"cpu"``): where the Gram matrices and solves run.
     """
     student, teachers = _tree_kernels(case["filters"], case["nngp_teacher"])
     curves = learning_curve(teachers, {"NTK": student}, list(case["P_list"]), case["n_test"], [seed],
-                            patch_spheres(case["d"], case["filters"][0]))
+                            patch_spheres(case["d"], case["filters"][0]), device=case.get("device", "cpu"))
     return {"mse": {t: c.mse[:, 0].tolist() for (t, _), c in curves.items()}}
 
 
@@ -169,7 +171,7 @@ def _curves(config: Config, teachers: dict[str, Any], theory: dict[str, tuple[li
                                       f"min(2 nu_t, 4 nu_s)/d_eff(L) = 2/{d_eff(f, len(f))}, "
                                       "our extrapolation")
     case = {"d": config.d, "filters": list(f), "nngp_teacher": config.nngp_teacher,
-            "P_list": list(config.P_list), "n_test": config.n_test}
+            "P_list": list(config.P_list), "n_test": config.n_test, "device": config.device}
     opts = current_options()
     folder = opts.folder_for("deep-kernels", out / "points")
     results = run_sweep(curve_point, [Point(case, seed) for seed in config.seeds], folder, opts).results()

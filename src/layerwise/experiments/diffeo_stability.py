@@ -93,6 +93,7 @@ class Config:
     # pool of this many workers; another --executor (process, dask, slurm) is used as chosen.
     workers: int = 2
     torch_threads: int = 1  # torch threads of every point, whatever the executor (the numbers depend on it)
+    device: str = "cpu"  # where the nets train and R_f is measured (reproduce --device); images drawn on CPU
     grid_size: int = 128  # side of the sample photograph in the figure-1 grid
     grid_steps: int = 5  # temperatures in the figure-1 grid (log-spaced over [T_min, T_max])
     grid_c: int = 5
@@ -170,15 +171,19 @@ def _measure(net: torch.nn.Module, probe: torch.Tensor, basis: torch.Tensor, con
 
 
 def _task(data: dict[str, Any], net_name: str, seed: int, config: Config) -> list[dict[str, Any]]:
-    """Initialise one net (seed), measure it, then train a copy for each P and measure again."""
+    """Initialise one net (seed), measure it, then train a copy for each P and measure again (on
+    ``config.device``: the images and the net go there; the draws stay on CPU generators)."""
     import copy
 
-    x, y, test, pool = data["x"], data["y"], data["test"], data["pool"]
+    from .._device import resolve_device
+
+    device = resolve_device(config.device, name="device")
+    x, y, test, pool = data["x"].to(device), data["y"].to(device), data["test"], data["pool"]
     x_test, y_test = x[test], y[test]
     probe = x_test[: config.n_probe]
     with torch.random.fork_rng():  # seeded initialisation without touching the caller's global RNG
         torch.manual_seed(seed)
-        init = make_net(net_name, x.shape[1], x.shape[-1], data["n_classes"])
+        init = make_net(net_name, x.shape[1], x.shape[-1], data["n_classes"]).to(device)
     at_init = _measure(init, probe, data["basis"], config, seed)
     order = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))]
     rows = []

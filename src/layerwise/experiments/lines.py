@@ -76,6 +76,7 @@ class Config:
     n_val: int = 120
     n_test: int = 199
     uniform_grid: tuple[float, ...] = grid(0.0, 1.0, 0.1)
+    device: str = "cpu"  # where the fine-tunes and evaluations run (reproduce --device)
 
 
 def _single_task(w, config: Config, zs: dict) -> dict:

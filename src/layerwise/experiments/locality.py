@@ -71,6 +71,7 @@ class Config:
     torus_P_list: tuple[int, ...] = (64, 128, 256, 512)
     torus_seeds: tuple[int, ...] = (0, 1, 2, 3)
     base: str = "laplace"
+    device: str = "cpu"  # where Gram matrices and solves run (reproduce --device); inputs are drawn on CPU
 
 
 def _kernel(kind: str, s: int, dims: int, base: str, n_sites: int):
@@ -114,11 +115,12 @@ def case_point(case: dict[str, Any], seed: int) -> dict[str, Any]:
 
     Returns ``{"mse": {"<teacher>|<student>": [mse at each P]}}``; the numbers equal those of a
     :func:`~layerwise.kernels.learning_curve` over several seeds (each seed draws its own inputs, teacher
-    and test set from its own generator), wherever the point runs.
+    and test set from its own generator), wherever the point runs. ``case["device"]`` (default ``"cpu"``):
+    where the Gram matrices and solves run.
     """
     teacher_k, student_k = _case_kernels(case)
     curves = learning_curve(teacher_k, student_k, list(case["P_list"]), case["n_test"], [seed],
-                            hypercube(case["shape"]))
+                            hypercube(case["shape"]), device=case.get("device", "cpu"))
     return {"mse": {f"{t}|{s}": c.mse[:, 0].tolist() for (t, s), c in curves.items()}}
 
 
@@ -134,7 +136,7 @@ def _run_case(config: Config, dims: int, out: Path) -> list[dict[str, Any]]:
     n_sites = math.prod(shape) if dims == 2 else shape
     case = {"dims": dims, "shape": list(shape) if dims == 2 else shape, "t": t, "teachers": teachers,
             "students": [list(s) for s in students], "P_list": list(P_list), "n_test": config.n_test,
-            "base": config.base, "n_sites": n_sites}
+            "base": config.base, "n_sites": n_sites, "device": config.device}
     opts = current_options()
     folder = opts.folder_for(f"locality-{dims}d", out / f"points_{dims}d")
     results = run_sweep(case_point, [Point(case, seed) for seed in seeds], folder, opts).results()

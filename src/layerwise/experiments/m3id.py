@@ -94,6 +94,7 @@ class Config:
     # depend on it. Each seed is one point of the sweep runner (layerwise.sweep): --executor, --resume
     workers: int = 2
     n_reliance: int = 64  # test images whose greedy captions visual_reliance scores
+    device: str = "cpu"  # where the toy Llava trains and decodes (reproduce --device); data drawn on CPU
     vcd: tuple[float, float, int] | None = (1.0, 0.1, 500)  # (alpha, beta, noise step): VCD's defaults
 
 
@@ -146,6 +147,7 @@ def _evaluate(
                                 noise_seed=seed, max_new_tokens=n_tokens, do_sample=False)
         if lambda_ is None:
             inputs = proc(images=imgs, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+            inputs = {k: v.to(model.device) for k, v in inputs.items()}
             out = model.generate(**inputs, do_sample=False, max_new_tokens=n_tokens)
             return proc.tokenizer.batch_decode(
                 out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
@@ -185,13 +187,14 @@ def _trained_toy_world(
     config: Any, spec: Any, seed: int, pope_fraction: float = 0.5
 ) -> tuple[Any, Any, list[Any], list[Any]]:
     """Train a toy Llava of ``config`` (hidden, n_train_scenes, train_steps, batch_size, image_dropout) on
-    the scenes of ``spec``; return ``(processor, model, test scenes, test PIL images)``.
+    the scenes of ``spec`` on ``config.device``; return ``(processor, model, test scenes, test PIL images)``.
 
     Every role (model init, scenes, images, examples, training, test set) draws from its own stream derived
     from ``seed``, so studies that share this setup see the same worlds for the same seed.
     """
     from PIL import Image
 
+    from .._device import resolve_device
     from ..decoding.toy_vlm import (
         build_processor,
         build_toy_llava,
@@ -202,7 +205,7 @@ def _trained_toy_world(
     )
 
     proc = build_processor(spec)
-    model = build_toy_llava(spec, hidden=config.hidden, seed=seed)
+    model = build_toy_llava(spec, hidden=config.hidden, seed=seed).to(resolve_device(config.device))
     base = 1000 * seed  # distinct, reproducible streams for each seed and role
     train = sample_scenes(spec, config.n_train_scenes, seed=base + 1)
     train_imgs = [render_scene(spec, s, seed=base * 100_000 + i) for i, s in enumerate(train)]

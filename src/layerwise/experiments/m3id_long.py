@@ -101,6 +101,7 @@ class Config:
     grid_alphas: tuple[float, ...] = (0.3, 0.6, 0.9)
     max_cover_drop: float = 0.05
     n_reliance: int = 48  # test scenes whose greedy captions are scored by visual_reliance
+    device: str = "cpu"  # where the toy Llava trains and decodes (reproduce --device); data drawn on CPU
     # seeds run in parallel processes (1: in this process) when no --executor is chosen; results do not
     # depend on it. 3 processes on 2 cores keep both cores busy to the end (2 would leave one idle while
     # the fifth seed runs alone). Each seed is one point of the sweep runner: --executor, --resume
@@ -140,6 +141,7 @@ def _greedy(model: Any, proc: Any, images: list[Any], prompts: list[str], n: int
     import torch
 
     inputs = proc(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
     out = model.generate(
         **inputs, do_sample=False, max_new_tokens=n, output_scores=True, return_dict_in_generate=True
     )

@@ -64,6 +64,7 @@ class Config:
     processes: tuple[str, ...] = ("uniform", "mask")
     float32: bool = False  # BP messages in float32 (faster; adequate for sampling)
     threads: int = 2  # torch threads of each sweep point (the last bits of BP's sums may depend on it)
+    device: str = "cpu"  # where the leaf evidence is built and BP runs (reproduce --device)
     # BP against brute-force enumeration of every datum, (v, n_c, m, s, L), all three processes
     bp_check_instances: tuple[tuple[int, int, int, int, int], ...] = ((4, 4, 2, 2, 3), (3, 2, 2, 3, 2))
     rules_seed: int = 0
@@ -76,7 +77,7 @@ def _curves(config: Config, out: Path) -> tuple[list[list[dict[str, Any]]], list
     def spec(L: int, process: str) -> dict[str, Any]:
         return {"v": config.v, "n_c": config.n_c, "m": config.m, "s": config.s, "L": L,
                 "rules_seed": config.rules_seed, "process": process, "n_data": config.n_data, "n_traj": 1,
-                "float32": config.float32, "threads": config.threads}
+                "float32": config.float32, "threads": config.threads, "device": config.device}
 
     depth_curves = [(spec(L, "eps"), config.eps_levels, config.seed + 100 * L) for L in config.depths]
     names = ("eps", *config.processes)

@@ -82,6 +82,7 @@ class Config:
     shallow_extra_ratios: tuple[float, ...] = (8.0, 16.0)
     correlation_repeats: int = 8
     rules_seed: int = 0
+    device: str = "cpu"  # where the networks train and are evaluated (reproduce --device)
 
 
 def p_star_threshold(n_c: int, fraction: float = 0.1) -> float:
@@ -102,7 +103,8 @@ def p_star_threshold(n_c: int, fraction: float = 0.1) -> float:
 def train_point(config: dict[str, Any], seed: int) -> dict[str, Any]:
     """One sweep point: train a model on P data of one RHM; return test error, training info and the
     synonymic sensitivities ``S_layer2`` (second layer, the paper's; None for the one-layer shallow net),
-    ``S_hidden`` (last hidden layer) and ``S_output``."""
+    ``S_hidden`` (last hidden layer) and ``S_output``. ``config["device"]`` (default ``"cpu"``): where the
+    network trains and is evaluated; the data and the mini-batch order are drawn on the CPU."""
     from ..hierarchy.learning import (
         FullyConnected,
         HierarchicalCNN,
@@ -127,7 +129,7 @@ def train_point(config: dict[str, Any], seed: int) -> dict[str, Any]:
         layer = "layers.0"
     tc = TrainConfig(optimizer="adam", lr=config["lr"], schedule="cosine", epochs=config["epochs"],
                      batch_size=min(P, config["batch_size"]), loss_threshold=config["loss_threshold"])
-    res = train(net, one_hot(tr.tokens, v), tr.labels, tc, seed=seed)
+    res = train(net, one_hot(tr.tokens, v), tr.labels, tc, seed=seed, device=config.get("device", "cpu"))
     ev = evaluate(net, one_hot(te.tokens, v), te.labels)
     names = list(dict.fromkeys([*([second] if second else []), layer, "output"]))
     sens = synonymic_sensitivity(net, rhm, L - 1, layers=names, n=config["n_sensitivity"], seed=seed + 1)
@@ -170,7 +172,8 @@ def _loglog_slope(pairs: list[tuple[float, float]]) -> float:
 def _points(config: Config) -> list[Point]:
     common = {"width": config.width, "scaling": config.scaling, "lr": config.lr, "epochs": config.epochs,
               "batch_size": config.batch_size, "loss_threshold": config.loss_threshold,
-              "n_test": config.n_test, "n_sensitivity": config.n_sensitivity, "rules_seed": config.rules_seed}
+              "n_test": config.n_test, "n_sensitivity": config.n_sensitivity, "rules_seed": config.rules_seed,
+              "device": config.device}
     points = []
     for v, m, L in config.settings:
         base = v * m**L

@@ -84,6 +84,7 @@ class Config:
     pair: tuple[str, str] = ("rot90", "stripes")  # the disentanglement pair
     xi_grid: tuple[float, ...] = grid(-3.0, 3.0, 1.0)
     xi_samples: int = 80  # validation images per task for xi
+    device: str = "cpu"  # where the fine-tunes and evaluations run (reproduce --device)
 
 
 def _seed_results(config: Config, arch: str, seed: int) -> dict:

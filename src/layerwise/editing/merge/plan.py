@@ -187,14 +187,18 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def merge_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a ``torch.device``: None = CPU, ``"auto"`` = CUDA when available; a device this machine
-    lacks raises :class:`~layerwise.errors.ParameterError` naming ``device``."""
-    from ...hierarchy._device import resolve_device  # -> layerwise._device once it exists
+def merge_device(device: str | torch.device | None, *, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``: None = CPU, ``"auto"`` (case and spaces ignored) = CUDA when
+    available, anything else checked by :func:`layerwise._device.resolve_device`; a device this machine
+    lacks raises :class:`~layerwise.errors.ParameterError` naming ``name``."""
+    from ..._device import resolve_device
 
-    if isinstance(device, str) and device == "auto":
+    if isinstance(device, str) and device.strip().lower() == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return resolve_device(device)
+    try:
+        return resolve_device(device, name=name)
+    except ParameterError as err:
+        raise ParameterError(f"{err} (or 'auto': CUDA when available, else cpu)") from None
 
 
 def _union(base: Any, models: Sequence[Any], lora: list[int], base_ck: Checkpoint, opened: list[Any]):
