@@ -221,6 +221,17 @@ def test_report_shows_each_registered_experiment_and_verdicts(tmp_path, fake_exp
     assert table.count("\u00b7 not built</span>") == len(set(SYSTEMS) - declared)
 
 
+def test_sections_name_the_device_that_computed_the_numbers(tmp_path, fake_experiments):
+    run_experiment("zz-pass", tmp_path)
+    page = build_report(tmp_path).read_text()
+    assert "device: cpu" in page and "--device" not in page  # the default needs no flag in the command
+    run_file = tmp_path / "zz-pass" / "run.json"
+    run = json.loads(run_file.read_text())
+    run_file.write_text(json.dumps({**run, "device": "cuda:1"}))
+    page = build_report(tmp_path).read_text()
+    assert "device: cuda:1" in page and "layerwise reproduce zz-pass --scale quick --device cuda:1" in page
+
+
 def test_every_registered_experiment_declares_its_systems():
     """Without `systems`, an experiment that was not run would leave its system looking "not built"."""
     missing = [n for n in EXPERIMENTS.names() if not EXPERIMENTS.get(n).systems]

@@ -451,10 +451,14 @@ def _section(result: ExperimentResult, registry: Any, out_dir: str) -> str:
     run = result.run
     load = (run.get("machine") or {}).get("load_average_1_5_15min")
     load_text = f" (load average at start {load[0]:g} on {run['machine'].get('cores')} cores)" if load else ""
+    device = run.get("device")  # where the numbers were computed (reproduce --device); older runs: unknown
+    device_text = f" &middot; device: {_e(device)}" if isinstance(device, str) else ""
+    device_flag = f" --device {device}" if isinstance(device, str) and device != "cpu" else ""
     out = [f'<section id="{result.anchor}"><h2>{_e(result.name)} <small>{_e(description)}</small></h2>',
            f'<p class="meta">systems: {_e(systems)} &middot; scale: {_e(result.scale)} &middot; run time '
-           f"{_e(_duration(result.runtime_s))}{_e(load_text)} &middot; <code>layerwise reproduce "
-           f"{_e(result.name)} --scale {_e(result.scale)} --out {_e(out_dir)}</code></p>"]
+           f"{_e(_duration(result.runtime_s))}{_e(load_text)}{device_text} &middot; "
+           f"<code>layerwise reproduce {_e(result.name)} --scale {_e(result.scale)}{_e(device_flag)} "
+           f"--out {_e(out_dir)}</code></p>"]
     parts = result.parts
     if parts is None:
         out.append('<p class="muted">This folder has no claims.json: it was written by an older layerwise. '
