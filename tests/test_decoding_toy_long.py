@@ -177,3 +177,25 @@ def test_spawned_seed_workers_get_one_thread_pools_and_the_parent_env_returns(mo
         dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1")] * 3
     assert os.getpid() not in pids  # they did run in worker processes
     assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ
+
+
+def test_yes_no_questions_on_a_scene_with_every_object_ask_about_a_present_one():
+    # m3id-long's full scale (pope_fraction 0.2) crashed at seed 7 on a training scene that held all 12
+    # objects: an "absent object" question had an empty pool. Such a scene now gets a present-object
+    # question, and every other scene's example is the one the same draws gave before.
+    from layerwise.decoding.toy_vlm import pope_question
+
+    full = Scene(objects=LONG.objects, cells=tuple(range(len(LONG.objects))))
+    one_missing = Scene(objects=LONG.objects[1:], cells=tuple(range(1, len(LONG.objects))))
+    empty = Scene(objects=(), cells=())
+    others = sample_scenes(LONG, 40, seed=3)
+    for seed in range(20):
+        with_full = make_examples(LONG, [full, *others, empty], pope_fraction=1.0, seed=seed)
+        i, prompt, target = with_full[0]
+        assert i == 0 and target == "yes ."
+        assert prompt in {pope_question(o) for o in LONG.objects}
+        assert with_full[-1][2] == "no ."  # nothing present: only an absent object can be asked about
+        # The full scene takes the same number of draws as a scene with an absent object, so the
+        # questions of the scenes after it do not move.
+        with_missing = make_examples(LONG, [one_missing, *others, empty], pope_fraction=1.0, seed=seed)
+        assert with_full[1:] == with_missing[1:]

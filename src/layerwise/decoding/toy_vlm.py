@@ -303,15 +303,20 @@ def make_examples(
 ) -> list[tuple[int, str, str]]:
     """Training examples ``(scene index, prompt, target)``: captions, and yes/no questions for a fraction.
 
-    Questions ask about a present object or an absent one with equal probability. With
+    Questions ask about a present object or an absent one with equal probability (a present one when the
+    scene holds every object, and an absent one when it holds none). With
     ``spec.shuffle_captions`` each caption lists its objects in a random order.
     """
     gen = make_generator(seed)
     out = []
     for i, scene in enumerate(scenes):
         if torch.rand((), generator=gen) < pope_fraction:
+            absent = [o for o in spec.objects if o not in scene.objects]
             present = torch.rand((), generator=gen) < 0.5 and len(scene.objects) > 0
-            pool = list(scene.objects) if present else [o for o in spec.objects if o not in scene.objects]
+            # A scene that holds every object has none to ask about as absent: ask about a present
+            # one (the draw above is kept, so every other scene's questions stay the same).
+            present = bool(present) or not absent
+            pool = list(scene.objects) if present else absent
             obj = pool[int(torch.randint(len(pool), (1,), generator=gen))]
             out.append((i, pope_question(obj), "yes ." if present else "no ."))
         else:

@@ -3,7 +3,7 @@
 Command::
 
     layerwise reproduce chunks --scale quick --out results   # ~25 s on 2 cores (27 CPU-s)
-    layerwise reproduce chunks --scale full --out results    # L = 5, 7, 9, ~13 min
+    layerwise reproduce chunks --scale full --out results    # L = 5, 7, 9, 2.3 min (2 cores, load 2.4)
     layerwise reproduce chunks --scale full --executor process --resume   # one sweep point per noise level
 
 For RHM data (``v = n_c = 32, m = 8, s = 2``) each ``x0`` is run through forward-backward with the exact BP

@@ -3,7 +3,7 @@
 Command::
 
     layerwise reproduce diffeo-stability --scale quick --out results
-    layerwise reproduce diffeo-stability --scale full --out results    # ~1 h on 2 cores (estimate, not run)
+    layerwise reproduce diffeo-stability --scale full --out results    # 23 min on 2 cores (2 workers)
     layerwise reproduce diffeo-stability --scale full --executor slurm --resume    # one job per training
 
 Two image sets that ship with the code or its extras, each judged by the same rules (fixed in :func:`_claims`

@@ -3,7 +3,7 @@
 Command::
 
     layerwise reproduce m3id --scale quick --out results    # ~50 s on 2 cores (4 seeds, 2 processes)
-    layerwise reproduce m3id --scale full --out results     # 5 seeds x 6000 steps: ~30-40 min (estimate)
+    layerwise reproduce m3id --scale full --out results     # 5 seeds x 6000 steps: 9 min (2 cores, load 2)
 
 Each seed is one point of the sweep runner (:mod:`layerwise.sweep`): ``--executor process|dask|slurm`` and
 ``--resume`` work, and without an executor the seeds run in ``Config.workers`` spawned processes.

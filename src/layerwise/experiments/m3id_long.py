@@ -3,6 +3,7 @@
 Command::
 
     layerwise reproduce m3id-long --scale quick --out results    # ~80 s on 2 cores (5 seeds, 3 processes)
+    layerwise reproduce m3id-long --scale full --out results --executor process   # 8 seeds: ~14 min
 
 Each seed (and the validation run) is one point of the sweep runner (:mod:`layerwise.sweep`), so
 ``--executor`` and ``--resume`` work; without an executor the seeds run in ``Config.workers`` processes.

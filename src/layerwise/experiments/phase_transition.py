@@ -3,7 +3,7 @@
 Command::
 
     layerwise reproduce phase-transition --scale quick --out results   # ~30 s on 2 cores (39 CPU-s)
-    layerwise reproduce phase-transition --scale full --out results    # L = 3..9, ~20 min
+    layerwise reproduce phase-transition --scale full --out results    # L = 3..9, 5 min (2 cores, load 5)
     layerwise reproduce phase-transition --scale full --executor process --resume   # points: noise levels
 
 For an RHM with ``v = n_c = 32, m = 8, s = 2`` and depths ``L``, data ``x0`` are noised with the eps-process

@@ -3,7 +3,7 @@
 Command::
 
     layerwise reproduce rhm-learning --scale quick --out results    # 20 s on a 2-core CPU (load 8)
-    layerwise reproduce rhm-learning --scale full --out results --executor process   # 132 trainings
+    layerwise reproduce rhm-learning --scale full --out results --executor process   # 132 trainings, 3 min
     layerwise reproduce rhm-learning --scale full --executor dask --scheduler tcp://HOST:8786 --resume
 
 For RHMs with ``s = 2``, ``n_c = v`` and several ``(v, m, L)``, a hierarchical CNN (L convolutions with
