@@ -380,3 +380,68 @@ def test_toy_training_is_seeded_and_learns():
     uniform = math.log(len(SPEC.vocabulary()))  # cross-entropy of guessing uniformly
     assert abs(runs[0][0] - uniform) < 0.3  # a random model starts there ...
     assert sum(runs[0][-10:]) / 10 < 0.7 * uniform  # ... and training goes well below it
+
+
+def test_yes_no_examples_with_several_questions_score_only_the_answers():
+    from layerwise.decoding.toy_vlm import make_examples, pope_question
+
+    spec = SceneSpec(question_phrase="is there a {}")
+    scenes = sample_scenes(spec, 200, seed=5)
+    examples = make_examples(spec, scenes, pope_fraction=0.5, questions=4, seed=2)
+    multi = [e for e in examples if not isinstance(e[2], str)]
+    assert 70 < len(multi) < 130  # half of 200 yes/no (binomial sd 7)
+    n_yes = 0
+    for i, prompt, segments in multi:
+        assert prompt.startswith("<image> is there a ") and not prompt.endswith("?")
+        asked = [prompt.split()[-1]] + [text.split()[-1] for text, scored in segments if not scored]
+        answers = [text for text, scored in segments if scored][:-1]
+        assert len(asked) == len(answers) == 4 and segments[-1] == (".", True)
+        assert [s for _, s in segments[:-1]] == [True, False] * 3 + [True]  # answers scored, questions not
+        assert all(text == pope_question(text.split()[-1], with_image=False, spec=spec)
+                   for text, scored in segments if not scored)
+        assert answers == ["yes" if o in scenes[i].objects else "no" for o in asked]
+        n_yes += answers.count("yes")
+    assert 0.4 < n_yes / (4 * len(multi)) < 0.6  # present or absent with equal probability
+    # one question per example: the plain "yes ." / "no ." strings of before
+    single = make_examples(spec, scenes, pope_fraction=0.5, seed=2)
+    assert all(isinstance(t, str) for _, _, t in single)
+    assert {t for _, p, t in single if p.startswith("<image> is")} == {"yes .", "no ."}
+
+
+def test_toy_training_loss_leaves_out_the_unscored_question_segments():
+    # The first loss train_toy_vlm reports is computed before any update: it must equal the cross-entropy
+    # of the untouched model on the scored tokens (answers, full stop, end token) only.
+    from layerwise.decoding.toy_vlm import IMAGE_TOKEN, train_toy_vlm
+
+    spec = SceneSpec(question_phrase="is there a {}")
+    proc = build_processor(spec)
+    scene = sample_scenes(spec, 1, seed=0)[0]
+    image = render_scene(spec, scene, seed=0)
+    segments = (("yes", True), ("is there a cup", False), ("no", True), (".", True))
+    example = (0, f"{IMAGE_TOKEN} is there a {scene.objects[0]}", segments)
+    model = build_toy_llava(spec, hidden=32, seed=0)
+    reference = build_toy_llava(spec, hidden=32, seed=0)
+    first = train_toy_vlm(model, proc, [image], [example], steps=1, batch_size=1, image_dropout=0.0)[0]
+    tok = proc.tokenizer
+    inputs = proc(images=[image], text=[example[1]], return_tensors="pt")
+    target = [tok.convert_tokens_to_ids(w) for w in "yes is there a cup no .".split()] + [tok.eos_token_id]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([target])], dim=1)
+    scored = torch.tensor([True, False, False, False, False, True, True, True])
+    with torch.no_grad():
+        logits = reference(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0]
+    n_prompt = inputs["input_ids"].shape[1]
+    logp = torch.log_softmax(logits[n_prompt - 1 : -1].double(), -1)
+    nll = -logp[torch.arange(len(target)), torch.tensor(target)]
+    assert first == pytest.approx(float(nll[scored].mean()), rel=1e-4)
+    assert abs(first - float(nll.mean())) > 1e-3  # scoring every token would give another number
+
+
+def test_question_phrase_is_checked_like_the_caption_phrase():
+    from layerwise.decoding.toy_vlm import pope_question
+    from layerwise.errors import ParameterError
+
+    assert pope_question("cup", spec=SceneSpec(question_phrase="is there a {}")) == "<image> is there a cup"
+    with pytest.raises(ParameterError, match="question_phrase must contain"):
+        SceneSpec(question_phrase="is there a cup")
+    with pytest.raises(ParameterError, match=r"question_phrase words \['any'\]"):
+        SceneSpec(question_phrase="is there any {}")

@@ -81,10 +81,33 @@ def test_m3id_claims_pair_seeds_and_skip_pope_when_it_is_not_learned():
     assert paired_relative_change(rows, "m3id_default", "chair_i") == pytest.approx([-0.5, -0.25])
     agg = {m: {k: {"mean": 0.6 if k == "pope_accuracy" else 0.2, "std": 0.0}
                for k in ("chair_i", "pope_accuracy")} for m in ("greedy", "m3id_default", "m3id+dpo_greedy")}
-    config = SimpleNamespace(seeds=(0, 1), default_lambda=0.02, max_new_tokens=6)
+    config = SimpleNamespace(seeds=(0, 1), default_lambda=0.02, max_new_tokens=6, pope_split="adversarial")
     claims = m3id_report(config, rows, agg)["claims"]
     assert [c.verdict for c in claims[2:]] == ["not tested at this scale"] * 2
     assert "-37.5% +- 17.7% (2 seeds" in claims[0].measured  # mean, std of (-50%, -25%): 0.25 / sqrt(2)
+
+
+def test_m3id_pope_claims_judge_the_split_the_config_names():
+    # Greedy answers the random split well (0.85) and the adversarial one near chance (0.6); M3ID gains
+    # +30% on the adversarial split only. The gate and the verdict must both follow pope_split.
+    rows = []
+    for seed in range(3):
+        for method, adv, rnd in (("greedy", 0.6, 0.85), ("m3id_default", 0.78 + 0.01 * seed, 0.85),
+                                 ("m3id+dpo_greedy", 0.6, 0.85 + 0.01 * seed)):
+            rows.append({"seed": seed, "method": method, "chair_i": 0.2, "pope_accuracy": adv,
+                         "pope_random_accuracy": rnd})
+    agg = {m: {"chair_i": {"mean": 0.2, "std": 0.0}, "pope_accuracy": {"mean": 0.6, "std": 0.0},
+               "pope_random_accuracy": {"mean": 0.85, "std": 0.0}}
+           for m in ("greedy", "m3id_default", "m3id+dpo_greedy")}
+    base = dict(seeds=(0, 1, 2), default_lambda=0.02, max_new_tokens=6)
+    adv = m3id_report(SimpleNamespace(**base, pope_split="adversarial"), rows, agg)["claims"][2:]
+    assert [c.verdict for c in adv] == ["not tested at this scale"] * 2  # greedy 0.6 < 0.8
+    assert "adversarial split" in adv[0].measured
+    rnd = m3id_report(SimpleNamespace(**base, pope_split="random"), rows, agg)["claims"][2:]
+    # judged on the random split: M3ID does not move it; DPO +1.2% +- 1.2% is within noise (1.7 SE)
+    assert [c.verdict for c in rnd] == ["not reproduced", "not reproduced"]
+    assert "+0.0% +- 0.0% (3 seeds" in rnd[0].measured
+    assert "random split; greedy accuracy 0.85" in rnd[0].measured
 
 
 def test_m3id_long_claims_tolerate_missing_diagnostics():

@@ -74,7 +74,9 @@ class SceneSpec:
     ``{}`` must be in the vocabulary. Training captions list the objects in ``objects`` order, or in a
     random order of each example with ``shuffle_captions``. With ``weak_last`` the low-contrast objects
     come after all the others (each group keeping its order): salient objects first, as real captions do,
-    so the late, hard-to-see part of a caption is where the language prior has the most room.
+    so the late, hard-to-see part of a caption is where the language prior has the most room. Yes/no
+    questions are ``question_phrase`` with the object's name (``"is there a {}"`` puts the object last, so
+    the answer is predicted right after it).
     """
 
     objects: tuple[str, ...] = ("cat", "dog", "bus", "car", "tree", "kite", "bird", "fork", "cup", "boat")
@@ -90,6 +92,7 @@ class SceneSpec:
     caption_phrase: str = "{}"
     shuffle_captions: bool = False
     weak_last: bool = False
+    question_phrase: str = "is there a {} ?"
 
     def __post_init__(self) -> None:
         names = set(self.objects)
@@ -106,11 +109,13 @@ class SceneSpec:
                 f"{self.grid * self.grid} cells of the grid"
             )
         check_int("min_objects", self.min_objects, low=1, high=self.max_objects)
-        if self.caption_phrase.count("{}") != 1:
-            raise ParameterError(f"caption_phrase must contain '{{}}' once, got {self.caption_phrase!r}")
-        unknown = [w for w in self.caption_phrase.split() if w != "{}" and w not in PROMPT_WORDS]
-        if unknown:
-            raise ParameterError(f"caption_phrase words {unknown} are not in the vocabulary {PROMPT_WORDS}")
+        for name in ("caption_phrase", "question_phrase"):
+            phrase = getattr(self, name)
+            if phrase.count("{}") != 1:
+                raise ParameterError(f"{name} must contain '{{}}' once, got {phrase!r}")
+            unknown = [w for w in phrase.split() if w != "{}" and w not in PROMPT_WORDS]
+            if unknown:
+                raise ParameterError(f"{name} words {unknown} are not in the vocabulary {PROMPT_WORDS}")
         if self.cell != 4:
             raise ParameterError(f"cell must be 4 (the shape templates are 4x4), got {self.cell}")
 
@@ -203,8 +208,15 @@ def caption_prompt(with_image: bool = True) -> str:
     return f"{IMAGE_TOKEN} describe :" if with_image else "describe :"
 
 
-def pope_question(obj: str, with_image: bool = True) -> str:
-    q = f"is there a {obj} ?"
+def pope_question(obj: str, with_image: bool = True, spec: SceneSpec | None = None) -> str:
+    """The yes/no question about ``obj`` (``spec.question_phrase``; without ``spec``: ``is there a X ?``).
+
+    >>> pope_question("cup")
+    '<image> is there a cup ?'
+    >>> pope_question("cup", with_image=False, spec=SceneSpec(question_phrase="is there a {}"))
+    'is there a cup'
+    """
+    q = (SceneSpec.question_phrase if spec is None else spec.question_phrase).format(obj)
     return f"{IMAGE_TOKEN} {q}" if with_image else q
 
 
@@ -294,31 +306,52 @@ def build_toy_llava(
     return model.eval()
 
 
+Target = str | tuple[tuple[str, bool], ...]  # text, or (text, scored) segments
+
+
 def make_examples(
     spec: SceneSpec,
     scenes: Sequence[Scene],
     *,
     pope_fraction: float = 0.5,
+    questions: int = 1,
     seed: int | torch.Generator | None = 0,
-) -> list[tuple[int, str, str]]:
+) -> list[tuple[int, str, Target]]:
     """Training examples ``(scene index, prompt, target)``: captions, and yes/no questions for a fraction.
 
     Questions ask about a present object or an absent one with equal probability (a present one when the
-    scene holds every object, and an absent one when it holds none). With
-    ``spec.shuffle_captions`` each caption lists its objects in a random order.
+    scene holds every object, and an absent one when it holds none). With ``questions > 1`` a yes/no
+    example asks that many questions about its scene in a row, and its target is a tuple of ``(text,
+    scored)`` segments: the answers (and the closing full stop) are scored, the follow-up questions are
+    not (:func:`train_toy_vlm` masks them). With ``spec.shuffle_captions`` each caption lists its objects
+    in a random order.
     """
+    questions = check_int("questions", questions, low=1)
     gen = make_generator(seed)
-    out = []
+
+    def ask(scene: Scene) -> tuple[str, bool]:
+        absent = [o for o in spec.objects if o not in scene.objects]
+        present = torch.rand((), generator=gen) < 0.5 and len(scene.objects) > 0
+        # A scene that holds every object has none to ask about as absent: ask about a present
+        # one (the draw above is kept, so every other scene's questions stay the same).
+        present = bool(present) or not absent
+        pool = list(scene.objects) if present else absent
+        return pool[int(torch.randint(len(pool), (1,), generator=gen))], present
+
+    out: list[tuple[int, str, Target]] = []
     for i, scene in enumerate(scenes):
         if torch.rand((), generator=gen) < pope_fraction:
-            absent = [o for o in spec.objects if o not in scene.objects]
-            present = torch.rand((), generator=gen) < 0.5 and len(scene.objects) > 0
-            # A scene that holds every object has none to ask about as absent: ask about a present
-            # one (the draw above is kept, so every other scene's questions stay the same).
-            present = bool(present) or not absent
-            pool = list(scene.objects) if present else absent
-            obj = pool[int(torch.randint(len(pool), (1,), generator=gen))]
-            out.append((i, pope_question(obj), "yes ." if present else "no ."))
+            obj, present = ask(scene)
+            answer = "yes" if present else "no"
+            if questions == 1:
+                out.append((i, pope_question(obj, spec=spec), f"{answer} ."))
+                continue
+            segments = [(answer, True)]
+            for _ in range(questions - 1):
+                obj_k, present_k = ask(scene)
+                segments += [(pope_question(obj_k, with_image=False, spec=spec), False),
+                             ("yes" if present_k else "no", True)]
+            out.append((i, pope_question(obj, spec=spec), (*segments, (".", True))))
         else:
             order = None
             if spec.shuffle_captions:
@@ -334,7 +367,7 @@ def train_toy_vlm(
     model: Any,
     processor: Any,
     images: Sequence[np.ndarray],
-    examples: Sequence[tuple[int, str, str]],
+    examples: Sequence[tuple[int, str, Target]],
     *,
     steps: int = 400,
     batch_size: int = 64,
@@ -345,7 +378,8 @@ def train_toy_vlm(
 ) -> list[float]:
     """Train ``model`` in place on ``examples`` (``(image index, prompt, target)``); return the loss curve.
 
-    The loss is next-token cross-entropy on the target tokens and the end-of-sequence token only. A random
+    The loss is next-token cross-entropy on the target tokens and the end-of-sequence token only (for a
+    target of ``(text, scored)`` segments, on the scored segments' tokens and the end token). A random
     ``image_dropout`` fraction of each batch loses its image (the image tokens are removed from the prompt),
     so the model also learns the image-free distribution ``p(y | x)``. Training runs on the model's device
     (move the model first, e.g. ``model.to("cuda")``); the batches are drawn on the CPU from ``seed``.
@@ -366,10 +400,18 @@ def train_toy_vlm(
         tok.bos_token_id,
         tok.eos_token_id,
     )
-    encoded = [
-        (i, tok(p, add_special_tokens=False)["input_ids"], tok(t, add_special_tokens=False)["input_ids"])
-        for i, p, t in examples
-    ]
+    def encode(target: Target) -> tuple[list[int], list[int]]:
+        """Token ids of a target and their labels (-100 where a segment is not scored)."""
+        segments = ((target, True),) if isinstance(target, str) else target
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, scored in segments:
+            seg = tok(text, add_special_tokens=False)["input_ids"]
+            ids += seg
+            labels += seg if scored else [-100] * len(seg)
+        return ids, labels
+
+    encoded = [(i, tok(p, add_special_tokens=False)["input_ids"], *encode(t)) for i, p, t in examples]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(steps, 1)))
@@ -381,14 +423,14 @@ def train_toy_vlm(
         drop = (torch.rand(batch_size, generator=gen) < image_dropout).tolist()
         rows, labels, img_rows = [], [], []
         for j, d in zip(idx, drop, strict=True):
-            i, prompt_ids, target_ids = encoded[j]
+            i, prompt_ids, target_ids, target_labels = encoded[j]
             # The processor expands one <image> into the image tokens; do the same (or drop them).
             p = [x for x in prompt_ids if x != image_id] if d else _expand(prompt_ids, image_id, n_img_tokens)
             if not d and image_id in prompt_ids:
                 img_rows.append(i)
             seq = [bos_id] + p + target_ids + [eos_id]
             rows.append(seq)
-            labels.append([-100] * (1 + len(p)) + target_ids + [eos_id])
+            labels.append([-100] * (1 + len(p)) + target_labels + [eos_id])
         length = max(len(r) for r in rows)
         ids = torch.full((batch_size, length), pad_id)
         lab = torch.full((batch_size, length), -100)

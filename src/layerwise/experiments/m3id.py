@@ -2,8 +2,8 @@
 
 Command::
 
-    layerwise reproduce m3id --scale quick --out results    # ~50 s on 2 cores (4 seeds, 2 processes)
-    layerwise reproduce m3id --scale full --out results     # 5 seeds x 6000 steps: 9 min (2 cores, load 2)
+    layerwise reproduce m3id --scale quick --out results    # ~110 s on 2 cores (4 seeds, 2 processes)
+    layerwise reproduce m3id --scale full --out results --executor process   # 5 x 6000 steps: 15 min
 
 Each seed is one point of the sweep runner (:mod:`layerwise.sweep`): ``--executor process|dask|slurm`` and
 ``--resume`` work, and without an executor the seeds run in ``Config.workers`` spawned processes.
@@ -14,8 +14,10 @@ object of each pair is drawn at low contrast), with 20% image dropout so that th
 real language prior. On test scenes where the bias is broken we measure
 
 * captioning: CHAIR_i, CHAIR_s, Cover and length (``layerwise.decoding.chair``);
-* POPE-style yes/no questions, one present object and one absent object per scene (adversarial: the absent
-  object is the co-occurring partner when there is one): accuracy, F1, yes-ratio;
+* POPE-style yes/no questions, one present object and one absent object per scene, in POPE's random split
+  (any absent object) and its adversarial split (the absent co-occurring partner when there is one):
+  accuracy, F1, yes-ratio. The POPE claims are judged on ``Config.pope_split`` (random), and only when
+  greedy decoding answers it with accuracy >= 0.8 (the yes/no task is learned).
 
 for greedy decoding, M3ID with the paper's defaults (lambda 0.02, alpha 0.3), a lambda sweep at ``alpha =
 sweep_alpha`` (the gate of the paper rarely opens on a toy model whose distributions are confident), and
@@ -29,18 +31,18 @@ seeds, whatever it shows.
 Paper (Favero et al., CVPR 2024): on LLaVA 13B, M3ID cuts hallucinated objects by 25% and M3ID + DPO by 28%
 in captioning; POPE accuracy +21% / +24%. A third-party LLaVA-1.5 run: CHAIR_s/CHAIR_i 26.2/9.4 -> 21.4/6.3.
 
-What we measured (quick scale before 2026-12-05: 3 seeds, 1600 steps, mean ± std): greedy CHAIR_s 0.39 ± 0.03,
-CHAIR_i 0.19 ± 0.02, Cover 0.87 ± 0.03 (now 4 seeds of 600 steps: 0.41 ± 0.04, 0.21 ± 0.04, 0.81 ± 0.04;
-docs/guides/m3id.md); the paper's defaults change nothing here (captions are <= 6 tokens, so the weight
-exp(0.02 t) - 1 stays below 0.13 and the gate max p < 0.3 rarely opens); larger lambda trades Cover for
-little or no CHAIR gain and, with t0 = 5 on yes/no questions, destroys the answer format (weights up to
-exp(5 lambda) - 1); lambda = 1 with VCD's plausibility cutoff 0.1 gives CHAIR_s 0.36 ± 0.02, CHAIR_i 0.18 ±
-0.02, Cover 0.84 ± 0.04 (a small gain within about one standard deviation); M3ID + DPO does not move
-greedy decoding (CHAIR_s 0.40 ± 0.03). POPE accuracy is about 0.5-0.6 at quick scale (0.57 after 2400
-steps on seed 0): the yes/no task is not learned, so the POPE claims say "not tested at this scale".
-See docs/guides/m3id.md for the numbers after longer training. The
-``m3id-long`` experiment (:mod:`layerwise.experiments.m3id_long`) repeats the captioning study with
-20-50-token captions, where the paper's weight has room to grow.
+The training mix: 70% captions, 30% yes/no examples ("<image> is there a X", the object last), each
+asking ten questions about its image with only the answers scored; with one question per example the
+answer loss sat at ln 2 for thousands of steps (POPE at chance), see docs/guides/m3id.md.
+
+What we measured (quick scale, 4 seeds of 1000 steps, 2026-12-05, mean ± std): greedy CHAIR_s 0.35 ± 0.05,
+CHAIR_i 0.17 ± 0.02, Cover 0.88 ± 0.01; POPE accuracy 0.89 ± 0.02 on the random split (0.79 ± 0.03
+adversarial); the paper's defaults change nothing (captions are <= 6 tokens, so the weight exp(0.02 t) - 1
+stays below 0.13 and the gate max p < 0.3 rarely opens), neither in captions nor in POPE answers; larger
+lambda trades Cover and, with t0 = 4 on yes/no questions, the answer format (weights up to exp(4 lambda) -
+1) for little or no CHAIR gain; M3ID + DPO does not move greedy decoding. docs/guides/m3id.md has the
+tables and the full scale. The ``m3id-long`` experiment (:mod:`layerwise.experiments.m3id_long`)
+repeats the captioning study with 20-50-token captions, where the paper's weight has room to grow.
 """
 
 from __future__ import annotations
@@ -68,9 +70,15 @@ class Config:
 
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # 2 workers: 4 seeds take the wall time of 3
     n_train_scenes: int = 3000  # labelled captioning / yes-no training scenes
-    train_steps: int = 600  # AdamW steps of batch_size examples (captioning is learned by ~600 steps; POPE
-    # is not learned at 2400 steps either, nor with the variants in docs/guides/m3id.md, so its claims stay
-    # "not tested" at quick scale)
+    train_steps: int = 1000  # AdamW steps of batch_size examples
+    # The yes/no task (docs/guides/m3id.md, "POPE at quick scale"): with one "is there a X ?" per example
+    # the answer loss sits at ln 2 for thousands of steps; with the object as the last prompt word and ten
+    # questions per example (only the answers scored) it is learned: greedy accuracy on the random split
+    # 0.88-0.91 on every seed at 1000 steps (0.69-0.86 at 600).
+    pope_fraction: float = 0.3  # share of training examples that are yes/no questions (the rest captions)
+    pope_questions: int = 10  # questions per yes/no example
+    question_phrase: str = "is there a {}"  # SceneSpec.question_phrase: the answer comes right after X
+    pope_split: str = "random"  # the POPE split the claims judge ("random" or "adversarial"); both reported
     batch_size: int = 32
     image_dropout: float = 0.2  # fraction of training examples seen without the image
     hidden: int = 64  # text width of the toy Llava
@@ -78,7 +86,7 @@ class Config:
     max_new_tokens: int = 6
     default_lambda: float = 0.02  # the paper's settings
     default_alpha: float = 0.3
-    pope_t0: float = 5.0  # question length in tokens: t0 for VQA
+    pope_t0: float = 4.0  # question length in tokens ("is there a X"): t0 for VQA, as the paper does
     lambdas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)  # the sweep, at alpha = sweep_alpha
     sweep_alpha: float = 1.0
     cutoff: tuple[float, float] | None = (1.0, 0.1)  # (lambda, beta): M3ID + VCD plausibility cutoff beta
@@ -98,20 +106,28 @@ class Config:
     vcd: tuple[float, float, int] | None = (1.0, 0.1, 500)  # (alpha, beta, noise step): VCD's defaults
 
 
-def _pope_items(spec: Any, scenes: list[Any], seed: int) -> tuple[list[int], list[str], list[bool]]:
-    """One question about a present object and one about an absent object (adversarial if possible)."""
+POPE_SPLITS = ("random", "adversarial")
+
+
+def _pope_items(
+    spec: Any, scenes: list[Any], seed: int, split: str = "adversarial"
+) -> tuple[list[int], list[str], list[bool]]:
+    """Per scene one question about a present object and one about an absent object: for ``split``
+    "adversarial" the absent co-occurrence partner of a present object when there is one, for "random" any
+    absent object (POPE's two settings; the popular one needs a corpus)."""
     from ..decoding.toy_vlm import pope_question
 
     rng = random.Random(seed)
     idx, questions, labels = [], [], []
     for i, scene in enumerate(scenes):
         idx.append(i)
-        questions.append(pope_question(rng.choice(scene.objects)))
+        questions.append(pope_question(rng.choice(scene.objects), spec=spec))
         labels.append(True)
-        absent = [b for a, b in spec.pairs if a in scene.objects and b not in scene.objects]
-        absent = absent or [o for o in spec.objects if o not in scene.objects]
+        absent = [o for o in spec.objects if o not in scene.objects]
+        if split == "adversarial":
+            absent = [b for a, b in spec.pairs if a in scene.objects and b not in scene.objects] or absent
         idx.append(i)
-        questions.append(pope_question(rng.choice(absent)))
+        questions.append(pope_question(rng.choice(absent), spec=spec))
         labels.append(False)
     return idx, questions, labels
 
@@ -124,6 +140,7 @@ def _evaluate(
     scenes: list[Any],
     pope: tuple,
     *,
+    pope_random: tuple | None = None,
     lambda_: float | None,
     alpha: float,
     t0_pope: float,
@@ -133,7 +150,8 @@ def _evaluate(
     seed: int = 0,
 ) -> dict[str, float]:
     """Captioning CHAIR metrics and POPE metrics for one decoding method (lambda_=None: greedy; ``vcd =
-    (alpha, beta, noise_step)``: VCD with its noise drawn from ``seed``)."""
+    (alpha, beta, noise_step)``: VCD with its noise drawn from ``seed``). ``pope`` holds the adversarial
+    items (``pope_*`` keys), ``pope_random`` the random split's (``pope_random_*`` keys)."""
     from ..decoding import chair, m3id_generate, pope_metrics
     from ..decoding.toy_vlm import caption_prompt
 
@@ -168,26 +186,28 @@ def _evaluate(
 
     captions = decode(images, [caption_prompt()] * len(images), 0.0, max_new_tokens)
     metrics = chair(captions, [s.objects for s in scenes], synonyms)
-    idx, questions, labels = pope
-    answers = decode([images[i] for i in idx], questions, t0_pope, 2)
-    pm = pope_metrics(answers, labels)
-    return {
+    out = {
         "chair_i": metrics["chair_i"],
         "chair_s": metrics["chair_s"],
         "cover": metrics["cover"],
         "length": metrics["length"],
-        "pope_accuracy": pm["accuracy"],
-        "pope_f1": pm["f1"],
-        "pope_yes_ratio": pm["yes_ratio"],
-        "pope_unparsed": pm["n_unparsed"] / pm["n"],
     }
+    for prefix, items in (("pope", pope), ("pope_random", pope_random)):
+        if items is None:
+            continue
+        idx, questions, labels = items
+        pm = pope_metrics(decode([images[i] for i in idx], questions, t0_pope, 2), labels)
+        out.update({f"{prefix}_accuracy": pm["accuracy"], f"{prefix}_f1": pm["f1"],
+                    f"{prefix}_yes_ratio": pm["yes_ratio"], f"{prefix}_unparsed": pm["n_unparsed"] / pm["n"]})
+    return out
 
 
 def _trained_toy_world(
-    config: Any, spec: Any, seed: int, pope_fraction: float = 0.5
+    config: Any, spec: Any, seed: int, pope_fraction: float = 0.5, questions: int = 1
 ) -> tuple[Any, Any, list[Any], list[Any]]:
     """Train a toy Llava of ``config`` (hidden, n_train_scenes, train_steps, batch_size, image_dropout) on
-    the scenes of ``spec`` on ``config.device``; return ``(processor, model, test scenes, test PIL images)``.
+    the scenes of ``spec`` on ``config.device`` (a ``pope_fraction`` of the examples yes/no, each asking
+    ``questions`` questions); return ``(processor, model, test scenes, test PIL images)``.
 
     Every role (model init, scenes, images, examples, training, test set) draws from its own stream derived
     from ``seed``, so studies that share this setup see the same worlds for the same seed.
@@ -213,7 +233,7 @@ def _trained_toy_world(
         model,
         proc,
         train_imgs,
-        make_examples(spec, train, pope_fraction=pope_fraction, seed=base + 2),
+        make_examples(spec, train, pope_fraction=pope_fraction, questions=questions, seed=base + 2),
         steps=config.train_steps,
         batch_size=config.batch_size,
         image_dropout=config.image_dropout,
@@ -271,11 +291,14 @@ def _one_seed(config: Config, seed: int) -> list[dict[str, Any]]:
     from ..decoding.dpo import build_preference_pairs, first_words, train_dpo
     from ..decoding.toy_vlm import SceneSpec, caption_prompt, render_scene, sample_scenes
 
-    spec = SceneSpec()
-    proc, model, test, test_imgs = _trained_toy_world(config, spec, seed)
+    spec = SceneSpec(question_phrase=config.question_phrase)
+    proc, model, test, test_imgs = _trained_toy_world(
+        config, spec, seed, pope_fraction=config.pope_fraction, questions=config.pope_questions
+    )
     base = 1000 * seed
     pope = _pope_items(spec, test, seed=base + 5)
-    kw = {"t0_pope": config.pope_t0, "max_new_tokens": config.max_new_tokens}
+    kw = {"t0_pope": config.pope_t0, "max_new_tokens": config.max_new_tokens,
+          "pope_random": _pope_items(spec, test, seed=base + 8, split="random")}
     methods: list[tuple[str, float | None, float, float | None]] = [
         ("greedy", None, 0.0, None),
         ("m3id_default", config.default_lambda, config.default_alpha, None),
@@ -353,6 +376,10 @@ METRICS = (
     "pope_f1",
     "pope_yes_ratio",
     "pope_unparsed",
+    "pope_random_accuracy",
+    "pope_random_f1",
+    "pope_random_yes_ratio",
+    "pope_random_unparsed",
 )
 
 
@@ -390,9 +417,10 @@ def _figure(agg: dict, config: Config, path: Path) -> None:
     names = list(agg)
     for ax, keys, title in (
         (axes[0], ("chair_s", "chair_i", "cover"), "captioning"),
-        (axes[1], ("pope_accuracy", "pope_f1", "pope_yes_ratio"), "POPE (adversarial)"),
+        (axes[1], ("pope_random_accuracy", "pope_accuracy", "pope_yes_ratio"), "POPE (random, adversarial)"),
     ):
-        width = 0.8 / len(keys)
+        keys = tuple(k for k in keys if all(k in agg[n] for n in names))
+        width = 0.8 / max(len(keys), 1)
         for j, key in enumerate(keys):
             means = [agg[n][key]["mean"] for n in names]
             stds = [agg[n][key]["std"] for n in names]
@@ -503,6 +531,10 @@ def run(config: Config, out: Path) -> dict[str, Any]:
     require("transformers", "hf")
     require("trl", "dpo")
 
+    if config.pope_split not in POPE_SPLITS:
+        from ..errors import ParameterError
+
+        raise ParameterError(f"pope_split must be one of {POPE_SPLITS}, got {config.pope_split!r}")
     out = Path(out)
     rows = _run_seeds(config, out)
     agg = _aggregate(rows)
@@ -516,7 +548,9 @@ def run(config: Config, out: Path) -> dict[str, Any]:
         shown.insert(3, f"m3id_lambda={config.cutoff[0]:g}_cutoff={config.cutoff[1]:g}")
     for method in shown:
         if method in agg:
-            for key in ("chair_s", "chair_i", "cover", "pope_accuracy"):
+            for key in ("chair_s", "chair_i", "cover", "pope_accuracy", "pope_random_accuracy"):
+                if key not in agg[method]:
+                    continue
                 summary[f"{method}:{key}"] = round(agg[method][key]["mean"], 4)
                 summary[f"{method}:{key}_std"] = round(agg[method][key]["std"], 4)
     from ._m3id_report import m3id_report
