@@ -97,7 +97,7 @@ def m3id_report(config: Any, rows: list[dict[str, Any]], agg: dict[str, Any]) ->
     greedy_pope = _mean(agg, "greedy", pope_key)
     pope_untested = None
     if greedy_pope is not None and greedy_pope < POPE_LEARNED:
-        pope_untested = f"greedy POPE accuracy ({split} split) {greedy_pope:.2f}: the yes/no task is not learned"
+        pope_untested = f"greedy POPE accuracy ({split} split) {greedy_pope:.2f}: yes/no is not learned"
     pope_extra = f"{split} split"
     if greedy_pope is not None:
         pope_extra += f"; greedy accuracy {greedy_pope:.2f}"
