@@ -164,7 +164,8 @@ def test_m3id_experiment_end_to_end(tmp_path):
         if row["method"] == "greedy":
             assert row["kl_t0"] >= 0 and 0 <= row["att_t0"] <= 1 + 1e-9
     for method, metrics in results["aggregate"].items():
-        for key in ("chair_i", "chair_s", "cover", "pope_accuracy", "pope_yes_ratio"):
+        keys = ("chair_i", "chair_s", "cover", "pope_accuracy", "pope_yes_ratio", "pope_random_accuracy")
+        for key in keys:
             assert 0.0 <= metrics[key]["min"] <= metrics[key]["mean"] <= metrics[key]["max"] <= 1.0, (
                 method,
                 key,
@@ -201,3 +202,28 @@ def test_m3id_seeds_are_sweep_points_same_numbers_on_every_executor_and_resume(t
         run_experiment("m3id", tmp_path / "c", workers=1, **tiny)
     resumed = json.loads((tmp_path / "c" / "m3id" / "results.json").read_text())
     assert resumed["per_seed"] == first["per_seed"] and resumed["aggregate"] == first["aggregate"]
+
+
+def test_m3id_config_sets_the_yes_no_training_mix_and_the_judged_split(tmp_path, monkeypatch):
+    """pope_fraction, pope_questions, question_phrase reach the training examples; pope_split is checked."""
+    import layerwise.decoding.toy_vlm as toy
+    from layerwise.errors import ParameterError
+    from layerwise.experiments import m3id, run_experiment
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(spec, scenes, **kwargs):
+        seen.update(kwargs, phrase=spec.question_phrase)
+        raise Stop
+
+    monkeypatch.setattr(toy, "make_examples", capture)
+    config = m3id.Config(n_train_scenes=4, hidden=16, pope_fraction=0.7, pope_questions=3,
+                         question_phrase="is there a {} ?")
+    with pytest.raises(Stop):
+        m3id._one_seed(config, 0)
+    assert (seen["pope_fraction"], seen["questions"], seen["phrase"]) == (0.7, 3, "is there a {} ?")
+    with pytest.raises(ParameterError, match="pope_split must be one of"):
+        run_experiment("m3id", tmp_path, scale="quick", pope_split="popular")

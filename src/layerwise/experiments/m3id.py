@@ -71,8 +71,8 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2, 3)  # 2 workers: 4 seeds take the wall time of 3
     n_train_scenes: int = 3000  # labelled captioning / yes-no training scenes
     train_steps: int = 1000  # AdamW steps of batch_size examples
-    # The yes/no task (docs/guides/m3id.md, "POPE at quick scale"): with one "is there a X ?" per example
-    # the answer loss sits at ln 2 for thousands of steps; with the object as the last prompt word and ten
+    # The yes/no task (docs/guides/m3id.md, "POPE is learned at quick scale"): with one "is there a X ?"
+    # per example the answer loss sits at ln 2 for thousands of steps; with the object last and ten
     # questions per example (only the answers scored) it is learned: greedy accuracy on the random split
     # 0.88-0.91 on every seed at 1000 steps (0.69-0.86 at 600).
     pope_fraction: float = 0.3  # share of training examples that are yes/no questions (the rest captions)
