@@ -79,7 +79,10 @@ os.replace = replace
 def _paused_merge(argv: list[str], pause: str = _PAUSE_IN_WRITE) -> subprocess.Popen:
     """Start ``layerwise merge`` in a child that stops (sleeps) at ``pause``: by default after its first
     write of merged weights."""
-    script = "import os, sys, time\nfrom layerwise.editing import checkpoints\n"
+    # Ctrl-C as a user's terminal delivers it: a job started in the background by a shell (as CI may be)
+    # ignores SIGINT, and Python then installs no KeyboardInterrupt handler; restore it.
+    script = "import os, signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    script += "from layerwise.editing import checkpoints\n"
     script += "from layerwise.cli import main\n"
     script += pause + f"\nsys.exit(main({argv!r}))\n"
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
