@@ -419,8 +419,7 @@ def _figure(agg: dict, config: Config, path: Path) -> None:
         (axes[0], ("chair_s", "chair_i", "cover"), "captioning"),
         (axes[1], ("pope_random_accuracy", "pope_accuracy", "pope_yes_ratio"), "POPE (random, adversarial)"),
     ):
-        keys = tuple(k for k in keys if all(k in agg[n] for n in names))
-        width = 0.8 / max(len(keys), 1)
+        width = 0.8 / len(keys)
         for j, key in enumerate(keys):
             means = [agg[n][key]["mean"] for n in names]
             stds = [agg[n][key]["std"] for n in names]
@@ -549,8 +548,6 @@ def run(config: Config, out: Path) -> dict[str, Any]:
     for method in shown:
         if method in agg:
             for key in ("chair_s", "chair_i", "cover", "pope_accuracy", "pope_random_accuracy"):
-                if key not in agg[method]:
-                    continue
                 summary[f"{method}:{key}"] = round(agg[method][key]["mean"], 4)
                 summary[f"{method}:{key}_std"] = round(agg[method][key]["std"], 4)
     from ._m3id_report import m3id_report
