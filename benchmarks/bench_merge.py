@@ -24,10 +24,11 @@ attention projections, ``base+adapter`` task arithmetic); the outputs are compar
 
 Where the time goes (issue 22): ``--profile`` (on by default with the command-line comparison) runs each
 ``layerwise merge`` once more in a child process that times its imports and profiles the merge
-(cProfile, main thread): reading (``readinto``), waiting for the write-behind thread, hashing the output
-for the folder marker, compute (the rest); and compares each whole-process time with the disk-read bound,
-the bytes the merge must read divided by the sequential read speed measured on the checkpoint files just
-before (page cache as it is).
+(cProfile, main thread): reading (``readinto``), waiting for the threads that write and hash the output,
+output files read back to hash them for the folder marker (none since the digests are computed while
+writing), compute (the rest); and compares each whole-process time with the disk-read bound, the bytes the
+merge must read divided by the sequential read speed measured on the checkpoint files just before (page
+cache as it is). Every timed run starts after ``os.sync()`` (no dirty pages left by the earlier runs).
 
 Usage: ``python benchmarks/bench_merge.py [--layers 8] [--no-mergekit] [--workdir DIR] [--keep]
 [--repeats 3] [--cli-methods ta,ties,slerp,lora] [--no-inprocess] [--no-cli] [--no-profile]`` (about 30
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -359,6 +361,9 @@ def run_cli(tool: str, exe: Path, cfg: Path, out: Path) -> dict:
     """One whole-process run of ``layerwise merge`` or ``mergekit-yaml`` on ``cfg`` into a fresh ``out``."""
     if out.exists():
         shutil.rmtree(out)  # written by an earlier repeat of this benchmark
+    # start every run with no dirty pages: the earlier runs' outputs (GBs) would otherwise still be flushed
+    # to disk during this one, and writes slow down to the disk's speed once enough are pending
+    os.sync()
     if tool == "layerwise":
         cmd = [str(exe), "merge", str(cfg), "--out", str(out), "--no-progress"]
     else:
@@ -425,7 +430,7 @@ def cli_benchmark(work: Path, mk_exe: Path | None, methods: list[str], repeats: 
 
 # -- where the time goes ------------------------------------------------------------------------------
 _READ_FUNCS = ("readinto", "pread", "preadv", "'read' of '_io")
-_CATEGORIES = ("import", "read", "compute", "write wait", "output hash", "total")
+_CATEGORIES = ("import", "read", "compute", "write wait", "hash read-back", "total")
 
 
 def _child_profile(cfg: Path, work: Path) -> None:
@@ -442,23 +447,25 @@ def _child_profile(cfg: Path, work: Path) -> None:
 
     t_import = time.perf_counter() - start
     out = work / f"prof_out_{cfg.stem}"
+    if out.exists():  # as before the timed runs: --overwrite would first hash the old output to verify it
+        shutil.rmtree(out)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = main(["merge", str(cfg), "--out", str(out), "--no-progress", "--overwrite"])
+        rc = main(["merge", str(cfg), "--out", str(out), "--no-progress"])
     prof.disable()
     t_merge = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(rc)
-    cats = {"read": 0.0, "write wait": 0.0, "output hash": 0.0}
+    cats = {"read": 0.0, "write wait": 0.0, "hash read-back": 0.0}
     for (_, _, name), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
         if any(r in name for r in _READ_FUNCS):
             cats["read"] += tottime
         elif "acquire" in name or "'put' of" in name or "join" in name:
-            cats["write wait"] += tottime  # queue full / the final join: the write-behind thread is behind
-        elif "_hashlib" in name:
-            cats["output hash"] += tottime
+            cats["write wait"] += tottime  # a queue full / the final join: a background thread is behind
+        elif "_hashlib" in name:  # in the main thread: output files read back to hash them for the marker
+            cats["hash read-back"] += tottime
     cats["compute"] = max(t_merge - sum(cats.values()), 0.0)
     print(json.dumps({"import": t_import, **cats, "merge": t_merge, "total": t_import + t_merge}))
 
@@ -494,9 +501,11 @@ def profile_report(work: Path, methods: list[str], cli_results: dict) -> None:
         f"{speed / 1e9:.2f} GB/s)"
     )
     print(
-        f"{'method':<10}" + "".join(f"{c:>13}" for c in _CATEGORIES) + f"{'read bound s':>14}{'x bound':>9}"
+        f"{'method':<10}" + "".join(f"{c:>15}" for c in _CATEGORIES) + f"{'read bound s':>14}{'x bound':>9}"
+        + f"{'5x goal s':>11}{'import+read bound s':>21}"
     )
     for method in methods:
+        os.sync()  # as before every timed run
         proc = subprocess.run([*me, str(work / f"cli_{method}.yaml")], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{method:<10} profile failed: {proc.stderr[-500:]}")
@@ -505,14 +514,20 @@ def profile_report(work: Path, methods: list[str], cli_results: dict) -> None:
         bound = _bytes_read(work, method) / speed
         runs = cli_results.get(method, {}).get("layerwise") or []
         wall = statistics.median(r["wall_s"] for r in runs) if runs else prof["total"]
+        mk = cli_results.get(method, {}).get("mergekit") or []
+        goal = f"{statistics.median(r['wall_s'] for r in mk) / 5:>11.2f}" if mk else f"{'-':>11}"
         print(
             f"{method:<10}"
-            + "".join(f"{prof[c]:>13.2f}" for c in _CATEGORIES)
-            + f"{bound:>14.2f}{wall / bound:>9.1f}"
+            + "".join(f"{prof[c]:>15.2f}" for c in _CATEGORIES)
+            + f"{bound:>14.2f}{wall / bound:>9.1f}{goal}{prof['import'] + bound:>21.2f}"
         )
     print(
-        "(seconds; 'write wait' = main thread blocked on the write-behind queue; 'x bound' = median "
-        "whole-process time of the runs above / (bytes read / read speed))"
+        "(seconds; 'write wait' = main thread blocked on the queues of the threads that write and hash the "
+        "output; 'hash read-back' = output files read back to hash them for the folder marker (0 when the "
+        "digests computed while writing are used); 'x bound' = median whole-process time of the runs above "
+        "/ (bytes read / read speed); '5x goal s' = mergekit's median / 5 (issue 22); "
+        "'import+read bound s' = the imports plus the read bound, a floor for any process that imports "
+        "torch and reads its inputs once (writing the output and interpreter start/exit come on top))"
     )
 
 

@@ -100,6 +100,75 @@ def test_writer_accepts_slices_in_any_order_and_checks_completeness(tmp_path):
         w2.close()
 
 
+def _spy_reads(monkeypatch) -> list[str]:
+    """Names of the files that layerwise._io opens for reading (to hash them) from now on."""
+    import builtins
+
+    import layerwise._io as lio
+
+    opened: list[str] = []
+
+    def spy(file, mode="r", *args, **kwargs):
+        if "r" in mode:
+            opened.append(Path(file).name)
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(lio, "open", spy, raising=False)
+    return opened
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+def test_writer_hashes_while_writing_for_the_folder_marker(tmp_path, monkeypatch, in_order):
+    import hashlib
+
+    sd = _mixed_state_dict()
+    opened = _spy_reads(monkeypatch)
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        w = ShardedSafetensorsWriter(tmp, [(k, v.shape, v.dtype) for k, v in sd.items()], 64, hash_files=True)
+        items = list(sd.items())
+        for k, v in items if in_order else items[::-1]:  # reversed: out of order inside a shard
+            flat = v.reshape(-1)
+            for start in range(0, max(flat.numel(), 1), 3):  # chunks of 3 elements
+                w.write(k, flat[start : start + 3], start)
+                w.hash_chunk(k, flat[start : start + 3], start)
+        w.close()
+    files = sorted(p.name for p in target.glob("*.safetensors"))
+    assert len(files) > 1
+    marker = json.loads((target / ".layerwise-output").read_text())["files"]
+    for name in files:  # the marker holds each file's true digest, whichever way it was obtained
+        assert marker[name]["sha256"] == hashlib.sha256((target / name).read_bytes()).hexdigest()
+    read_back = sorted(n for n in opened if n.endswith(".safetensors"))
+    if in_order:
+        assert read_back == []  # every digest came from the writer: nothing was read back
+    else:  # shards holding several tensors were written out of order: those are read back
+        assert read_back and set(read_back) < set(files)
+    _assert_same(load_state_dict(target), sd)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "slerp"])
+def test_merge_output_is_not_read_back_for_its_marker(tmp_path, monkeypatch, method):
+    import hashlib
+
+    from layerwise.editing import LinesSpec, merge_models
+
+    g = torch.Generator().manual_seed(3)
+    base = {f"layers.{i}.w": torch.randn(40, 30, generator=g) for i in range(3)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    fts, params = (fts[:1], {"t": 0.4}) if method == "slerp" else (fts, {})
+    opened = _spy_reads(monkeypatch)
+    # LiNeS with an automatic alpha: the stash is written too (not hashed); the output is hashed
+    res = merge_models(
+        method, fts, base, params=params, lines=LinesSpec(beta=0.5), chunk_elements=7, max_shard_bytes=6000,
+        out=tmp_path / "o",
+    )
+    files = sorted(p.name for p in res.out.glob("*.safetensors"))
+    assert len(files) > 1 and not [n for n in opened if n.endswith(".safetensors")]
+    marker = json.loads((res.out / ".layerwise-output").read_text())["files"]
+    for name in files:
+        assert marker[name]["sha256"] == hashlib.sha256((res.out / name).read_bytes()).hexdigest()
+
+
 def test_interrupted_write_leaves_nothing(tmp_path):
     target = tmp_path / "out"
     sd = _mixed_state_dict()

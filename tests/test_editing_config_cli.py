@@ -3,6 +3,8 @@ whose output transformers loads back."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import yaml
@@ -50,6 +52,7 @@ def test_end_to_end_merge_loads_in_transformers(gpt2_folders, tmp_path, capsys):
     )
     out = tmp_path / "merged"
     assert main(["merge", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert gc.get_freeze_count() == 0  # the command froze the collector while merging, not the host after
     printed = capsys.readouterr().out
     assert "transformer.h." in printed and "merged model written" in printed
     assert (out / "config.json").exists() and (out / "model.safetensors.index.json").exists()

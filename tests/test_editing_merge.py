@@ -425,3 +425,19 @@ def test_plan_reads_no_tensor_data():
     assert spy.reads == 0
     for needle in ("ties", "model 0: exploding", "LiNeS", "layers.", "merged"):
         assert needle in text
+
+
+@pytest.mark.parametrize("n", [0, 5, 3 * (1 << 16) + 17])
+def test_blocked_gram_equals_the_float64_gram(n):
+    from layerwise.editing.merge.stream import _gram
+
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g) * 3 + 1
+    deltas = torch.randn(3, n, generator=g) * 0.01
+    rows = torch.cat([base[None, :], deltas]).double()  # (4, n)
+    expected = rows @ rows.T
+    got = _gram(base, deltas)
+    assert got.dtype == torch.float64 and got.shape == (4, 4)
+    # float64 sums in another order: equal to ~1e-16 relative; a float32 accumulation would be ~1e-7 off
+    scale = float(expected.abs().max().clamp(min=1))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12 * scale)

@@ -4,6 +4,7 @@ Llama-shaped safetensors checkpoints against references assembled here tensor by
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -76,6 +77,10 @@ def test_passthrough_frankenmerge_repeats_and_renumbers_layers(models, tmp_path)
     ref, n_layers = _frankenmerge_reference(sds, plan)
     got = load_state_dict(out)
     assert n_layers == 3 + 3 + 1 + 2 and set(got) == set(ref)
+    # the folder marker holds the true digest of each file (hashed while the slices were written)
+    marker = json.loads((out / ".layerwise-output").read_text())["files"]
+    for f in out.glob("*.safetensors"):
+        assert marker[f.name]["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
     # the written config says 9 layers, and transformers loads the model with exactly these weights

@@ -113,6 +113,14 @@ def _sha256(p: Path) -> str:
     return _HASHES[key]
 
 
+def remember_sha256(path: str | os.PathLike, hexdigest: str) -> None:
+    """Record the sha256 of a file just written, computed while writing it, so that the folder marker of
+    :func:`atomic_directory` does not read it back. Keyed by (path, inode, size, mtime) like the cache of
+    files hashed by reading: a later change of the file is a new key, and the file is read and hashed."""
+    st = os.lstat(path)
+    _HASHES[(str(Path(path)), st.st_ino, st.st_size, st.st_mtime_ns)] = hexdigest
+
+
 def _listing(folder: Path) -> dict[str, Path]:
     """``{relative path: path}`` of every file under ``folder`` (the marker excluded; links not followed)."""
     out = {}

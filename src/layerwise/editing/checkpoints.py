@@ -15,6 +15,7 @@ Example
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_directory, write_json
+from .._io import atomic_directory, remember_sha256, write_json
 from ..errors import CheckpointError, ParameterError, ParameterTypeError
 from . import _safetensors as st
 
@@ -499,6 +500,11 @@ class ShardedSafetensorsWriter:
     max_shard_bytes : int
     metadata : mapping of str to str, optional
         Stored in each header's ``__metadata__`` (``{"format": "pt"}`` by default, as transformers expects).
+    hash_files : bool
+        Also compute each file's sha256 from the bytes handed to :meth:`hash_chunk` (call it with the same
+        arguments as :meth:`write`, in any thread); :meth:`close` records the digests of the files whose
+        bytes all came in file order (:func:`layerwise._io.remember_sha256`), so that the folder marker of
+        :func:`layerwise._io.atomic_directory` does not read them back. Other files are hashed by reading.
     """
 
     def __init__(
@@ -507,6 +513,7 @@ class ShardedSafetensorsWriter:
         specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
         max_shard_bytes: int = 5 * 10**9,
         metadata: Mapping[str, str] | None = None,
+        hash_files: bool = False,
     ) -> None:
         self.directory = Path(directory)
         specs = [(name, tuple(int(d) for d in shape), dtype) for name, shape, dtype in specs]
@@ -527,6 +534,8 @@ class ShardedSafetensorsWriter:
         )
         self._place: dict[str, tuple[Path, int, torch.dtype, int]] = {}  # name -> file, offset, dtype, numel
         self._weight_map: dict[str, str] = {}
+        # file -> [sha256 of its bytes so far, next byte offset, end], or None once a chunk came out of order
+        self._digests: dict[Path, list | None] = {}
         self.total_size = 0
         for fname, shard in zip(names, shards, strict=False):
             prefix, offsets = st.plan_header(shard, meta)
@@ -535,6 +544,8 @@ class ShardedSafetensorsWriter:
             with open(path, "wb") as fh:
                 fh.write(prefix)
                 fh.truncate(end)  # sparse until written; close() checks that everything was
+            if hash_files:
+                self._digests[path] = [hashlib.sha256(prefix), len(prefix), end]
             for name, shape, dtype in shard:
                 self._place[name] = (path, offsets[name], dtype, _numel(shape))
                 self._weight_map[name] = fname
@@ -546,6 +557,34 @@ class ShardedSafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
         """Write ``tensor`` (any shape; its flattened elements) at element ``start`` of tensor ``name``."""
+        path, pos, data = self._locate(name, tensor, start)
+        if self._fh_path != path:
+            if self._fh is not None:
+                self._fh.close()
+            self._fh, self._fh_path = open(path, "r+b", buffering=0), path  # noqa: SIM115
+        self._fh.seek(pos)
+        done = 0
+        while done < len(data):
+            done += self._fh.write(data[done:])
+        self._written[name] += tensor.numel()
+
+    def hash_chunk(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
+        """Add the bytes of a chunk to its file's sha256 (``hash_files``; same arguments as :meth:`write`).
+
+        A chunk that does not continue its file where the previous one ended (a tensor written out of
+        order) gives up on that file's digest: the folder marker then reads the file back."""
+        path, pos, data = self._locate(name, tensor, start)
+        state = self._digests.get(path)
+        if state is None:
+            return
+        if pos != state[1]:
+            self._digests[path] = None
+            return
+        state[0].update(data)  # hashlib releases the GIL on large buffers
+        state[1] += len(data)
+
+    def _locate(self, name: str, tensor: torch.Tensor, start: int) -> tuple[Path, int, memoryview]:
+        """File, byte offset and bytes of a chunk of ``name`` starting at element ``start`` (checked)."""
         if name not in self._place:
             raise KeyError(f"tensor {name!r} is not in the planned output")
         path, offset, dtype, numel = self._place[name]
@@ -556,25 +595,21 @@ class ShardedSafetensorsWriter:
             raise ValueError(
                 f"tensor {name!r}: elements [{start}, {start + flat.numel()}) outside [0, {numel})"
             )
-        if self._fh_path != path:
-            if self._fh is not None:
-                self._fh.close()
-            self._fh, self._fh_path = open(path, "r+b", buffering=0), path  # noqa: SIM115
-        self._fh.seek(offset + start * flat.element_size())
-        data = memoryview(flat.view(torch.uint8).numpy()).cast("B")
-        done = 0
-        while done < len(data):
-            done += self._fh.write(data[done:])
-        self._written[name] += flat.numel()
+        data = memoryview(flat.view(torch.uint8).numpy()).cast("B")  # the chunk's bytes, shared
+        return path, offset + start * flat.element_size(), data
 
     def close(self) -> None:
-        """Finish: check completeness and write the index (when there are several shards)."""
+        """Finish: check completeness, record the digests (``hash_files``) and write the index (when there
+        are several shards)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = self._fh_path = None
         incomplete = [k for k, n in self._written.items() if n != self._place[k][3]]
         if incomplete:
             raise RuntimeError(f"writer closed before these tensors were fully written: {_clip(incomplete)}")
+        for path, state in self._digests.items():
+            if state is not None and state[1] == state[2]:
+                remember_sha256(path, state[0].hexdigest())
         if len(self.files) > 1:
             write_json(
                 self.directory / SAFETENSORS_INDEX,

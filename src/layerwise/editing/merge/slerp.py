@@ -75,4 +75,4 @@ def slerp(
 ) -> torch.Tensor:
     """``deltas`` (1, n), ``base`` (n,), ``gram`` (2, 2) over the whole tensor -> ``slerp(t) - v0`` (n,)."""
     s0, s1 = slerp_coefficients(gram, t, dot_threshold, eps)
-    return (s0 + s1 - 1.0) * base + s1 * deltas[0]
+    return torch.mul(deltas[0], s1).add_(base, alpha=s0 + s1 - 1.0)  # one new tensor, two passes

@@ -33,7 +33,7 @@ import torch
 
 from ..._io import atomic_directory, check_output_dir, write_json
 from ...errors import CheckpointError, ParameterError, ParameterTypeError
-from ..checkpoints import Checkpoint, ShardedSafetensorsWriter, open_checkpoint
+from ..checkpoints import Checkpoint, open_checkpoint
 from ..lines import _DEFAULT, _INT_SEGMENT, BlockLayout
 from ..lora import is_lora_adapter
 from .plan import MergePlan, plan_merge
@@ -415,7 +415,7 @@ def execute_sliced(
     model_card: bool = True,
 ) -> MergeResult:
     """Run a :class:`SlicedPlan` (arguments as :func:`~.write.execute_plan`)."""
-    from .write import _copy_side_files, _set_config_dtype
+    from .write import _copy_side_files, _set_config_dtype, write_merged
 
     info: dict[str, Any] = {
         "method": plan.method.name,
@@ -444,12 +444,12 @@ def execute_sliced(
         inputs = sorted({ck.source for ck in plan.checkpoints if not ck.source.startswith("<")})
         out = check_output_dir(out, overwrite=overwrite, inputs=inputs)
         with atomic_directory(out) as tmp:
-            writer = ShardedSafetensorsWriter(
-                tmp, specs, plan.max_shard_bytes, metadata={"format": "pt", "merged_by": "layerwise"}
+            write_merged(
+                tmp,
+                specs,
+                plan.max_shard_bytes,
+                lambda sink: [run_passes(part, sink, None, progress) for _, part in plan.parts],
             )
-            for _, part in plan.parts:
-                run_passes(part, writer.write, None, progress)
-            writer.close()
             if copy_files:
                 _copy_side_files(Path(plan.side_source), tmp)
                 _set_config_layers(tmp / "config.json", plan.source_layers, plan.num_layers)

@@ -12,7 +12,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from ..checkpoints import SAFETENSORS_INDEX, WEIGHT_SUFFIXES, ShardedSafetensors
 from .plan import DTYPE_CHOICES, MergePlan, plan_merge
 from .stream import MergeResult, run_passes
 
-__all__ = ["execute_plan", "merge_models"]
+__all__ = ["execute_plan", "merge_models", "write_merged"]
 
 
 def execute_plan(
@@ -79,17 +79,10 @@ def execute_plan(
     out = check_output_dir(out, overwrite=overwrite, inputs=inputs)
     specs = [(k, plan.base.shape(k), plan.out_dtype(k)) for k in plan.base.keys()]
     with atomic_directory(out) as tmp:
-        writer = ShardedSafetensorsWriter(
-            tmp, specs, plan.max_shard_bytes, metadata={"format": "pt", "merged_by": "layerwise"}
-        )
-        sink = WriteBehind(writer.write)
-        try:
-            result = run_passes(plan, sink, tmp / ".lines_stash", progress)
-        except BaseException:
-            sink.abort()  # an error or Ctrl-C: do not wait for pending writes (the folder is discarded)
-            raise
-        sink.close()
-        writer.close()
+        def passes(sink):
+            return run_passes(plan, sink, tmp / ".lines_stash", progress)
+
+        result = write_merged(tmp, specs, plan.max_shard_bytes, passes)
         if copy_files:
             _copy_side_files(Path(plan.base.source), tmp)
             if plan.dtype is not None:
@@ -111,6 +104,40 @@ def execute_plan(
             )
         write_json(tmp / "layerwise_merge.json", result.info)
     result.out = out
+    return result
+
+
+def write_merged(
+    folder: Path,
+    specs: Sequence[tuple[str, Sequence[int], torch.dtype]],
+    max_shard_bytes: int,
+    passes: Callable[[Callable[[str, torch.Tensor, int], None]], Any],
+) -> Any:
+    """Run ``passes(sink)`` into sharded safetensors in ``folder`` (laid out from ``specs``); its result.
+
+    ``sink(key, chunk, start)`` hands each chunk to two background threads (:class:`WriteBehind`): one
+    writes it, one hashes it, so that the folder marker of :func:`layerwise._io.atomic_directory` need not
+    read the output back (hashing in the writer's own thread was slower whenever writing lagged). On an
+    error or Ctrl-C the pending chunks are dropped (the temporary folder is discarded by the caller).
+    """
+    writer = ShardedSafetensorsWriter(
+        folder, specs, max_shard_bytes, metadata={"format": "pt", "merged_by": "layerwise"}, hash_files=True
+    )
+    behind = (WriteBehind(writer.write), WriteBehind(writer.hash_chunk))
+
+    def sink(key: str, chunk: torch.Tensor, start: int) -> None:
+        for b in behind:
+            b(key, chunk, start)
+
+    try:
+        result = passes(sink)
+        for b in behind:
+            b.close()  # raises the first write error
+    except BaseException:
+        for b in behind:
+            b.abort()  # do not wait for pending writes
+        raise
+    writer.close()
     return result
 
 
