@@ -204,3 +204,44 @@ def test_saved_embedding_base_layer_replaces_the_base_embedding(llama, tmp_path)
         ck.read_into(key, out)
         torch.testing.assert_close(out, ref[key].reshape(-1), atol=1e-6, rtol=1e-6, msg=key)
     assert k in ck.adapted_keys
+
+
+def test_base_plus_adapter_merge_reads_the_base_once(llama, monkeypatch, tmp_path):
+    """The stream reads the base once for itself and for every adapter on it (``read_into_over``), with the
+    same bits as reading it again inside each adapter; a base layer the adapter saved still replaces it."""
+    import collections
+    import math
+
+    from layerwise.editing import merge_models, open_checkpoint
+
+    root, base, merged = llama
+    model = transformers.LlamaForCausalLM.from_pretrained(root / "base")
+    with torch.no_grad():  # a changed embedding: the adapter saves its own base layer, which must be used
+        model.model.embed_tokens.weight[:4] += 0.5
+    emb = _adapter(model, tmp_path / "emb", 6, r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])
+
+    def run(fast: bool):
+        ck = open_checkpoint(root / "base")
+        reads: collections.Counter = collections.Counter()
+        plain = ck.read_into
+
+        def counting(key, out, start=0):
+            reads[key] += 1
+            plain(key, out, start)
+
+        ck.read_into = counting
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(LoraCheckpoint, "read_into_over", lambda self, k, o, s, b: self.read_into(k, o, s))
+            res = merge_models("task_arithmetic", [root / "a", tmp_path / "emb"], ck, chunk_elements=50)
+        return res.tensors, reads
+
+    fast, fast_reads = run(True)
+    slow, slow_reads = run(False)
+    for k in base:
+        assert torch.equal(fast[k], slow[k]), k
+        expected = base[k] + (merged["a"][k] - base[k]) + (emb[k] - base[k])
+        torch.testing.assert_close(fast[k], expected, atol=1e-5, rtol=1e-5, msg=k)
+        assert fast_reads[k] == math.ceil(base[k].numel() / 50), k  # one read per chunk: the stream's own
+    assert sum(slow_reads.values()) > 1.9 * sum(fast_reads.values())
+    assert not torch.equal(emb["model.embed_tokens.weight"][:4], base["model.embed_tokens.weight"][:4])

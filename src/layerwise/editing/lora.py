@@ -224,6 +224,16 @@ class LoraCheckpoint(Checkpoint):
         if key in self._targets:
             out += self.delta(key, start, start + out.numel()).to(out.dtype)
 
+    def read_into_over(self, key: str, out: torch.Tensor, start: int, base_chunk: torch.Tensor) -> None:
+        """:meth:`read_into` given the base's same elements, already read and converted to ``out.dtype``
+        (``base_chunk``, shaped like ``out``): the merge stream reads the base once for both."""
+        if key in self._base_layers:  # a layer the adapter saved whole (modules_to_save): not the base's
+            self.read_into(key, out, start)
+            return
+        out.copy_(base_chunk)
+        if key in self._targets:
+            out += self.delta(key, start, start + out.numel()).to(out.dtype)
+
     def close(self) -> None:
         self.adapter.close()
 
