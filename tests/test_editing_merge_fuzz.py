@@ -173,7 +173,7 @@ def _mutate(draw, cfg, spec):
     elif kind == "overflow":  # finite parameters whose product overflows the compute or output dtype
         cfg["dtype"] = draw(st.sampled_from(["float16", "bfloat16", "float32"]))
         big = draw(st.sampled_from([7e4, 1e30, 3e38, -3e38]))
-        if draw(st.booleans()):
+        if draw(st.booleans()) or not isinstance(models, list):  # an earlier step may have broken `models`
             cfg["scale"] = big
         else:
             cfg["models"] = [

@@ -296,3 +296,30 @@ def test_passthrough_copies_one_model_scaled():
     torch.testing.assert_close(out, 0.5 * models[0]["w"], atol=1e-7, rtol=0)
     with pytest.raises(ParameterError, match="exactly one model"):
         merge_models("passthrough", models + models)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_disjoint_mean_is_bit_identical_to_the_masked_sum(normalize):
+    """The disjoint mean computed without torch.where equals the masked-sum form entry for entry, bit for
+    bit (signed zeros too), with negative weights, all-zero columns and weighted sums of about 0."""
+    from layerwise.editing.merge._common import disjoint_mean
+
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(4, 5000, generator=g)
+    d[:, :100] = 0.0  # nothing to merge
+    d[0, 100:200] = 1.0
+    d[1, 100:200] = 0.7 / 1.3  # 0.7 * 1 - 1.3 * (0.7 / 1.3): a weighted sum of (about) 0, either sign
+    d[2:, 100:200] = 0.0
+    d[:, 200:300] *= 1e-30  # tiny magnitudes
+    w = torch.tensor([0.7, 1.3, 1.0, 2.5]) * torch.tensor([1.0, -1.0, 1.0, -1.0])
+    got = disjoint_mean(d, w, normalize)
+    weighted = d * w[:, None]
+    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+    agree = (weighted * elected) > 0
+    want = torch.where(agree, weighted, 0.0).sum(dim=0)
+    if normalize:
+        divisor = w @ agree.float()
+        want = want / torch.where(divisor == 0, 1.0, divisor)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.signbit(got), torch.signbit(want))
+    assert bool((want[:100] == 0).all()) and bool((want[100:200] != 0).any())

@@ -60,7 +60,8 @@ def elect_sign(weighted: torch.Tensor) -> torch.Tensor:
     An entry whose sum is exactly 0 elects ``+`` (mergekit's convention), so its positive contributions
     are kept.
     """
-    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    # 2 * [sum >= 0] - 1: exactly +-1, without torch.where (not vectorised on CPU: ~5x slower)
+    return (weighted.sum(dim=0) >= 0).to(weighted.dtype).mul_(2).sub_(1)
 
 
 def disjoint_mean(deltas: torch.Tensor, weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -74,12 +75,14 @@ def disjoint_mean(deltas: torch.Tensor, weight: torch.Tensor, normalize: bool = 
     """
     weighted = deltas * weight[:, None]  # (T, n)
     elected = elect_sign(weighted)  # (n,)
-    agree = (weighted * elected) > 0  # (T, n): same nonzero sign as the elected one
-    total = torch.where(agree, weighted, 0).sum(dim=0)  # (n,)
+    aligned = weighted * elected  # (T, n): |weighted| where it agrees with the elected sign, <= 0 elsewhere
+    # the agreeing magnitudes summed, then the elected sign: exactly the sum of the agreeing entries (a sum
+    # of one sign is negated exactly), with no torch.where (not vectorised on CPU: ~5x slower)
+    total = aligned.clamp(min=0).sum(dim=0).mul_(elected)  # (n,)
     if not normalize:
         return total
-    divisor = weight @ agree.to(weight.dtype)  # (n,)
-    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    divisor = weight @ (aligned > 0).to(weight.dtype)  # (n,) the agreeing weights
+    return total / (divisor + (divisor == 0))  # a divisor of exactly 0 becomes 1
 
 
 def l1_rescale_factors(l1_before: torch.Tensor, l1_after: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -110,7 +113,7 @@ def l1_factors_pass(
 def keep_topk(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Zero every entry of row ``t`` of ``deltas`` (T, n) whose magnitude is below ``thresholds[t]``."""
     keep = deltas.abs().float() >= thresholds[:, None].float()  # (T, n)
-    return torch.where(keep, deltas, 0)
+    return deltas * keep.to(deltas.dtype)  # the 0/1 mask's product, as mergekit's (torch.where: ~3x slower)
 
 
 def weighted_sum(kept: torch.Tensor, weight: torch.Tensor, normalize: bool) -> torch.Tensor:
