@@ -20,6 +20,7 @@ __all__ = [
     "disjoint_mean",
     "elect_sign",
     "keep_topk",
+    "masked",
     "l1_rescale_factors",
     "weighted_sum",
 ]
@@ -110,10 +111,20 @@ def l1_factors_pass(
     return {"l1_factor": l1_rescale_factors(before, after)}
 
 
+def masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` where the boolean ``keep`` (broadcast to ``x``) holds, 0 elsewhere, for finite ``x``.
+
+    The product with the 0/1 mask, as mergekit computes it: ``torch.where`` is not vectorised on CPU
+    (~10 ms per 4 M entries against ~2 ms). A dropped negative entry becomes -0.0 (== 0); a dropped inf or
+    NaN would become NaN, so ``x`` must be finite where it is dropped (task vectors are; a divided one, as in
+    DELLA, may not be: use ``torch.where`` there).
+    """
+    return x * keep.to(x.dtype)
+
+
 def keep_topk(deltas: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Zero every entry of row ``t`` of ``deltas`` (T, n) whose magnitude is below ``thresholds[t]``."""
-    keep = deltas.abs().float() >= thresholds[:, None].float()  # (T, n)
-    return deltas * keep.to(deltas.dtype)  # the 0/1 mask's product, as mergekit's (torch.where: ~3x slower)
+    return masked(deltas, deltas.abs().float() >= thresholds[:, None].float())
 
 
 def weighted_sum(kept: torch.Tensor, weight: torch.Tensor, normalize: bool) -> torch.Tensor:

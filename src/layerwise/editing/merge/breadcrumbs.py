@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._common import LAMBDA, WEIGHT
+from ._common import LAMBDA, WEIGHT, masked
 from ._common import combine as _combine
 from .registry import Param, register_merge_method
 
@@ -66,6 +66,6 @@ def breadcrumbs(
     """``deltas`` (T, n), ``thresholds`` (T, 2): ``[n_top-th, (n_top + n_keep)-th]`` largest magnitudes."""
     mag = deltas.abs().float()
     keep = (mag < thresholds[:, :1].float()) & (mag >= thresholds[:, 1:].float())  # (T, n)
-    kept = torch.where(keep, deltas, 0)
+    kept = masked(deltas, keep)
     merged = _combine(kept, weight, combine, normalize)
     return merged if kw["lambda"] == 1 else kw["lambda"] * merged

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import ParameterError
-from ._common import WEIGHT
+from ._common import WEIGHT, masked
 from .registry import Param, register_merge_method
 
 LAMBDA = Param(
@@ -46,7 +46,7 @@ def consensus(
     deltas: torch.Tensor, *, weight: torch.Tensor, mask_lambda: torch.Tensor, k: float
 ) -> torch.Tensor:
     masks, mtl = tall_mask(deltas, weight, mask_lambda)
-    return torch.where(masks.sum(dim=0) >= k, mtl, 0)
+    return masked(mtl, masks.sum(dim=0) >= k)
 
 
 def _check_target(glob, per_model) -> None:
@@ -77,4 +77,4 @@ def tall_masks(
     if t != target or not 0 <= t < deltas.shape[0]:
         raise ParameterError(f"target must be a model index in [0, {deltas.shape[0] - 1}], got {target}")
     masks, mtl = tall_mask(deltas, weight, mask_lambda)
-    return torch.where(masks[t], mtl, 0)
+    return masked(mtl, masks[t])

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._common import elect_sign
+from ._common import elect_sign, masked
 from .registry import Param, register_merge_method
 from .topk import TwoPassThreshold
 
@@ -39,7 +39,7 @@ def _variance(deltas: torch.Tensor) -> torch.Tensor:
 def _select(deltas: torch.Tensor, threshold: float | None) -> torch.Tensor:
     if threshold is None:
         return deltas
-    return torch.where(_variance(deltas) >= threshold, deltas, 0)
+    return masked(deltas, _variance(deltas) >= threshold)
 
 
 def sce_statistics(
