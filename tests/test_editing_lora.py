@@ -232,7 +232,7 @@ def test_base_plus_adapter_merge_reads_the_base_once(llama, monkeypatch, tmp_pat
         ck.read_into = counting
         with monkeypatch.context() as m:
             if not fast:
-                m.setattr(LoraCheckpoint, "read_into_over", lambda self, k, o, s, b: self.read_into(k, o, s))
+                m.setattr(LoraCheckpoint, "read_into_over", lambda self, k, o, s, *_: self.read_into(k, o, s))
             res = merge_models("task_arithmetic", [root / "a", tmp_path / "emb"], ck, chunk_elements=50)
         return res.tensors, reads
 

@@ -98,12 +98,17 @@ def _write_marker(folder: Path, info: Mapping[str, Any]) -> None:
 _HASHES: dict[tuple, str] = {}  # (path, inode, size, mtime) -> sha256: a folder checked twice is read once
 
 
+def _hash_key(p: Path) -> tuple:
+    """Key of :data:`_HASHES`: a change of the file's content changes its size or mtime."""
+    st = p.lstat()
+    return (str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _sha256(p: Path) -> str:
     """sha256 of a file's bytes (of the target text for a symbolic link), in hex."""
-    st = p.lstat()
     if p.is_symlink():
         return hashlib.sha256(os.readlink(p).encode("utf-8", "surrogateescape")).hexdigest()
-    key = (str(p), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = _hash_key(p)
     if key not in _HASHES:
         h = hashlib.sha256()
         with open(p, "rb") as fh:
@@ -117,8 +122,7 @@ def remember_sha256(path: str | os.PathLike, hexdigest: str) -> None:
     """Record the sha256 of a file just written, computed while writing it, so that the folder marker of
     :func:`atomic_directory` does not read it back. Keyed by (path, inode, size, mtime) like the cache of
     files hashed by reading: a later change of the file is a new key, and the file is read and hashed."""
-    st = os.lstat(path)
-    _HASHES[(str(Path(path)), st.st_ino, st.st_size, st.st_mtime_ns)] = hexdigest
+    _HASHES[_hash_key(Path(path))] = hexdigest
 
 
 def _listing(folder: Path) -> dict[str, Path]:

@@ -96,6 +96,14 @@ class Checkpoint:
         """
         out.copy_(self.read(key, start, start + out.numel()))
 
+    def read_into_over(
+        self, key: str, out: torch.Tensor, start: int, base: Checkpoint, base_chunk: torch.Tensor
+    ) -> None:
+        """:meth:`read_into`, for a caller that already holds the same elements of ``base`` in ``base_chunk``
+        (converted to ``out.dtype``): a checkpoint built on ``base`` (a LoRA adapter on it) uses them
+        instead of reading the base again. Others read as usual."""
+        self.read_into(key, out, start)
+
     def numel(self, key: str) -> int:
         """Number of elements of tensor ``key``."""
         n = 1

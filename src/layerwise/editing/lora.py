@@ -217,20 +217,21 @@ class LoraCheckpoint(Checkpoint):
         )
 
     def read_into(self, key: str, out: torch.Tensor, start: int = 0) -> None:
-        if key in self._base_layers:
-            out.copy_(self._base_read(key, start, start + out.numel()))
-        else:
-            self.base.read_into(key, out, start)
-        if key in self._targets:
-            out += self.delta(key, start, start + out.numel()).to(out.dtype)
+        self._fill(key, out, start, None)
 
-    def read_into_over(self, key: str, out: torch.Tensor, start: int, base_chunk: torch.Tensor) -> None:
-        """:meth:`read_into` given the base's same elements, already read and converted to ``out.dtype``
-        (``base_chunk``, shaped like ``out``): the merge stream reads the base once for both."""
+    def read_into_over(
+        self, key: str, out: torch.Tensor, start: int, base: Checkpoint, base_chunk: torch.Tensor
+    ) -> None:
+        # the merge stream has just read this chunk of our base: copy it instead of reading it again
+        self._fill(key, out, start, base_chunk if base is self.base else None)
+
+    def _fill(self, key: str, out: torch.Tensor, start: int, base_chunk: torch.Tensor | None) -> None:
         if key in self._base_layers:  # a layer the adapter saved whole (modules_to_save): not the base's
-            self.read_into(key, out, start)
-            return
-        out.copy_(base_chunk)
+            out.copy_(self._base_read(key, start, start + out.numel()))
+        elif base_chunk is None:
+            self.base.read_into(key, out, start)
+        else:
+            out.copy_(base_chunk)
         if key in self._targets:
             out += self.delta(key, start, start + out.numel()).to(out.dtype)
 

@@ -35,7 +35,6 @@ import torch
 from ...errors import CheckpointError, ParameterError
 from ..checkpoints import Checkpoint, ShardedSafetensorsWriter, open_checkpoint
 from ..lines import lines_scales, lines_table
-from ..lora import LoraCheckpoint
 from ..task_vector import compute_dtype
 from .plan import MergePlan
 from .topk import TwoPassThreshold, kth_largest_abs, topk_count
@@ -76,10 +75,7 @@ def _chunks(plan: MergePlan, key: str) -> Iterator[tuple[int, torch.Tensor, torc
         base, deltas = base_buf[: stop - start], delta_buf[:, : stop - start]
         plan.base.read_into(key, base, start)
         for t, m in enumerate(plan.models):
-            if isinstance(m, LoraCheckpoint) and m.base is plan.base:
-                m.read_into_over(key, deltas[t], start, base)  # base + adapter: the base is not read twice
-            else:
-                m.read_into(key, deltas[t], start)
+            m.read_into_over(key, deltas[t], start, plan.base, base)  # base + adapter: base read once
         if plan.device.type == "cpu":
             deltas -= base
             yield start, base, deltas

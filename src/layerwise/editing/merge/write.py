@@ -142,9 +142,10 @@ def write_merged(
 
 
 class WriteBehind:
-    """A sink that writes in a background thread: file writes release the GIL, so reading and merging the
-    next chunks overlap the write of this one. At most ``depth`` chunks wait (memory ``depth`` chunks);
-    the first write error is raised by the next call or by :meth:`close`.
+    """A sink that hands each chunk to ``write`` in a background thread (writing it, or hashing it: both
+    release the GIL), so reading and merging the next chunks overlap the work on this one. At most
+    ``depth`` chunks wait (memory ``depth`` chunks); the first error is raised by the next call or by
+    :meth:`close`.
 
     >>> out = {}
     >>> sink = WriteBehind(lambda k, c, s: out.setdefault(k, []).append((s, c.tolist())))
